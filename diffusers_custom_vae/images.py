@@ -1,0 +1,54 @@
+"""Images between files, PIL and tensors. Tensors are (B, 3, H, W) or (3, H, W) in [-1, 1], as the VAE takes them."""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Opens an image file as RGB (greyscale, palette and alpha converted; EXIF rotation applied).
+
+    Raises `ValueError` naming the file when it is missing, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")  # composite alpha onto white, not black
+                return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+            return image.convert("RGB")  # convert() reads every pixel: truncated files fail here
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read image {os.fspath(path)!r}: {error}") from error
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tensor_to_pil(images: torch.Tensor) -> Image.Image | list[Image.Image]:
+    """(3, H, W) -> one PIL image; (B, 3, H, W) -> a list. Values outside [-1, 1] are clipped."""
+    if images.ndim == 3:
+        return tensor_to_pil(images[None])[0]
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Centre-crops (..., H, W) so that H and W are multiples of `multiple` (what the VAE's downsampling needs)."""
+    height, width = images.shape[-2:]
+    top, left = (height % multiple) // 2, (width % multiple) // 2
+    return images[..., top : top + height - height % multiple, left : left + width - width % multiple]
+
+
+def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
+    """One row per (B, 3, H, W) batch (e.g. originals above reconstructions), on a white background."""
+    batch, _, height, width = rows[0].shape
+    grid = Image.new("RGB", (batch * (width + padding) + padding, len(rows) * (height + padding) + padding), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(tensor_to_pil(row)):
+            grid.paste(image, (padding + c * (width + padding), padding + r * (height + padding)))
+    return grid

@@ -1,0 +1,472 @@
+"""CustomVAE: the whole model in one file.
+
+The architecture is the "VAE from scratch" tutorial's: residual conv blocks (`VisualBlock`), strided-conv
+downsampling, nearest-neighbour upsampling, one self-attention block at the bottleneck, and a diagonal-Gaussian
+(KL-regularised) latent. Module names follow the tutorial, so a `state_dict` trained with its classes loads with
+`strict=True`. Around it sits what diffusers expects of a VAE: a config, `encode`/`decode` outputs, slicing, tiling,
+gradient checkpointing and model offload.
+
+This file imports only torch and diffusers, and its path is recorded in saved pipelines: it never moves, and it can
+be uploaded beside a checkpoint for `trust_remote_code=True` loading.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import nn
+
+# diffusers has moved these before (#6129): they are imported here and nowhere else.
+from diffusers.models.autoencoders.vae import (  # isort: skip
+    AutoencoderMixin,
+    DecoderOutput,
+    DiagonalGaussianDistribution,
+)
+from diffusers.models.modeling_outputs import AutoencoderKLOutput  # isort: skip
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over a sequence: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.projection = nn.Linear(embed_dim, embed_dim * 3)  # q, k, v
+        self.out_projection = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        q, k, v = self.projection(x).chunk(3, dim=-1)
+        q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs)) v, as the tutorial writes it, without materialising the (T, T) weights.
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_projection(y.transpose(1, 2).reshape(batch, tokens, channels))
+
+
+class AttentionBlock(nn.Module):
+    """GroupNorm, self-attention across all positions, scaled residual: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, num_heads: int = 4, norm_num_groups: int = 32):
+        super().__init__()
+        self.groupnorm = nn.GroupNorm(norm_num_groups, channels)
+        self.attention = SelfAttention(channels, num_heads)
+        self.residual_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.groupnorm(x).view(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
+        h = self.attention(h).transpose(1, 2).reshape(batch, channels, height, width)
+        return h + x * self.residual_scale
+
+
+class VisualBlock(nn.Module):
+    """Residual block (GroupNorm, SiLU, 3x3 conv) x 2: (B, in, H, W) -> (B, out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, norm_num_groups: int = 32):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.groupnorm1 = nn.GroupNorm(norm_num_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.groupnorm2 = nn.GroupNorm(norm_num_groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.residual_scale = nn.Parameter(torch.ones(1))
+        # A 1x1 conv carries the residual across a change of width.
+        self.identity = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.groupnorm1(x)))
+        h = self.conv2(F.silu(self.groupnorm2(h)))
+        return h + self.identity(x) * self.residual_scale
+
+
+def _middle(channels: int, add_attention: bool, num_heads: int, groups: int) -> list[nn.Module]:
+    """The bottleneck: VisualBlock, AttentionBlock, VisualBlock (attention optional)."""
+    attention = [AttentionBlock(channels, num_heads, groups)] if add_attention else []
+    return [VisualBlock(channels, norm_num_groups=groups), *attention, VisualBlock(channels, norm_num_groups=groups)]
+
+
+class _Blocks(nn.Module):
+    """Runs `self.blocks` in order, each one checkpointed when gradient checkpointing is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x)
+            else:
+                x = block(x)
+        return x
+
+
+class Encoder(_Blocks):
+    """Image (B, in_channels, H, W) -> Gaussian moments (B, 2 * latent_channels, H / f, W / f), mean first.
+
+    With the defaults this is the tutorial's encoder: one row of `blocks` per resolution,
+        32 @ H:      VisualBlock(32) x 2, Conv(32 -> 64, stride 2)
+        64 @ H/2:    VisualBlock(64) x 2, Conv(64 -> 128, stride 2)
+        128 @ H/4:   VisualBlock(128) x 2, Conv(128 -> 128, stride 2)
+        128 @ H/8:   VisualBlock(128), AttentionBlock(128), VisualBlock(128)
+    """
+
+    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
+                 num_attention_heads, mid_block_add_attention):  # fmt: skip
+        super().__init__()
+        widths, groups = block_out_channels, norm_num_groups
+        self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
+        blocks = []
+        for width, next_width in zip(widths[:-1], widths[1:]):
+            blocks += [VisualBlock(width, norm_num_groups=groups) for _ in range(layers_per_block)]
+            blocks.append(nn.Conv2d(width, next_width, kernel_size=3, stride=2, padding=1))  # halves H and W
+        blocks += _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(groups, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.run_blocks(self.conv_in(x))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(_Blocks):
+    """Latents (B, latent_channels, h, w) -> image (B, out_channels, h * f, w * f).
+
+    With the defaults this is the tutorial's decoder, its channel changes made consistent:
+        128 @ H/8:   VisualBlock(128), AttentionBlock(128), VisualBlock(128)
+        128 @ H/4:   Upsample, VisualBlock(128), VisualBlock(128)
+        64 @ H/2:    Upsample, VisualBlock(128), VisualBlock(128 -> 64)
+        32 @ H:      Upsample, VisualBlock(64), VisualBlock(64 -> 32), VisualBlock(32)
+    Each resolution's last block changes the width; the tutorial ends with one more block at full resolution.
+    """
+
+    def __init__(self, out_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
+                 num_attention_heads, mid_block_add_attention):  # fmt: skip
+        super().__init__()
+        widths, groups = block_out_channels, norm_num_groups
+        self.conv_in = nn.Conv2d(latent_channels, widths[-1], kernel_size=3, padding=1)
+        blocks = _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        for width, previous_width in reversed(list(zip(widths[:-1], widths[1:]))):
+            blocks.append(nn.Upsample(scale_factor=2))  # doubles H and W
+            blocks += [VisualBlock(previous_width, norm_num_groups=groups) for _ in range(layers_per_block - 1)]
+            blocks.append(VisualBlock(previous_width, width, norm_num_groups=groups))
+        blocks.append(VisualBlock(widths[0], norm_num_groups=groups))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = nn.GroupNorm(groups, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.run_blocks(self.conv_in(z))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+@dataclass
+class CustomVAEOutput(BaseOutput):
+    """
+    Output of [`CustomVAE.forward`]: everything a training loss needs from one call.
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
+            The reconstruction, in [-1, 1] once trained.
+        latent_dist (`DiagonalGaussianDistribution`):
+            The posterior the reconstruction was decoded from (its `kl()` is the KL term).
+    """
+
+    sample: torch.Tensor
+    latent_dist: DiagonalGaussianDistribution
+
+
+def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of the fewest equal tiles, each at most `tile` long and overlapping by at least `overlap`,
+    that cover `length`. Equal tiles leave no thin leftover tile at the edge."""
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    return [(round(i * (length - size) / (count - 1)), size) for i in range(count)]
+
+
+def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
+    """Weights (size,) rising linearly over `ramp` steps at both ends: overlapping tiles cross-fade."""
+    distance_to_edge = torch.minimum(torch.arange(size, device=device), torch.arange(size, device=device).flip(0))
+    return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
+
+
+class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
+    r"""
+    The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
+
+    This model inherits from [`ModelMixin`]: `save_pretrained`, `from_pretrained` and `push_to_hub` work as for
+    diffusers' own models. Defaults give the tutorial's architecture (8x downsampling, 4 latent channels).
+
+    Parameters:
+        in_channels (`int`, *optional*, defaults to 3): Number of channels in the input image.
+        out_channels (`int`, *optional*, defaults to 3): Number of channels in the output image.
+        latent_channels (`int`, *optional*, defaults to 4): Number of channels in the latent space.
+        block_out_channels (`tuple[int]`, *optional*, defaults to `(32, 64, 128, 128)`):
+            Width of each resolution, full resolution first. Each entry after the first halves the height and width,
+            so pipelines compute a scale factor of `2 ** (len(block_out_channels) - 1)`.
+        layers_per_block (`int`, *optional*, defaults to 2): `VisualBlock`s per resolution.
+        norm_num_groups (`int`, *optional*, defaults to 32): Groups of every GroupNorm; divides every width.
+        num_attention_heads (`int`, *optional*, defaults to 4): Heads of the bottleneck's self-attention.
+        mid_block_add_attention (`bool`, *optional*, defaults to `True`):
+            Whether the bottleneck has self-attention (between its two `VisualBlock`s).
+        scaling_factor (`float`, *optional*, defaults to 1.0):
+            Pipelines multiply latents by it so the diffusion model sees unit variance (`z * scaling_factor`) and
+            divide by it before decoding. Estimate it from data with `estimate_scaling_factor`.
+        shift_factor (`float`, *optional*): Subtracted from latents before scaling (SD3/Flux convention).
+        force_upcast (`bool`, *optional*, defaults to `False`):
+            Whether pipelines should keep this VAE in float32 when they run in float16.
+        latent_space (`str`, *optional*):
+            The latent space this VAE's latents live in: `None` for its own (trained from scratch), or the name of the
+            space it was aligned to. A diffusion model only denoises latents of the space it was trained in.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["VisualBlock", "AttentionBlock"]
+    _skip_layerwise_casting_patterns = ["norm"]  # GroupNorms stay in float32 under layerwise casting
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        latent_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (32, 64, 128, 128),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        num_attention_heads: int = 4,
+        mid_block_add_attention: bool = True,
+        scaling_factor: float = 1.0,
+        shift_factor: float | None = None,
+        force_upcast: bool = False,
+        latent_space: str | None = None,
+    ):
+        super().__init__()
+        _check_config(block_out_channels, layers_per_block, norm_num_groups, num_attention_heads)
+        shared = dict(
+            latent_channels=latent_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            num_attention_heads=num_attention_heads,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        self.encoder = Encoder(in_channels=in_channels, **shared)
+        self.decoder = Decoder(out_channels=out_channels, **shared)
+
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_sample_min_size = 512  # images larger than this are tiled, when tiling is enabled
+        self.tile_overlap = 64  # pixels shared by neighbouring tiles, cross-faded
+
+    @property
+    def downsample_factor(self) -> int:
+        """How many image pixels one latent spans in each direction (8 by default)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
+        r"""
+        Encode and decode large images tile by tile, in bounded memory. Neighbouring tiles overlap and are
+        cross-faded, so no seams show.
+
+        Args:
+            tile_sample_min_size (`int`, *optional*, defaults to 512):
+                Largest tile, in image pixels; images up to this size are processed whole.
+            tile_overlap (`int`, *optional*, defaults to 64): Smallest overlap of neighbouring tiles, in image pixels.
+        """
+        size = tile_sample_min_size or self.tile_sample_min_size
+        overlap = self.tile_overlap if tile_overlap is None else tile_overlap
+        f = self.downsample_factor
+        if size % f or overlap % f or not 0 <= overlap < size:
+            raise ValueError(
+                f"Tile size and overlap must be multiples of the downsampling factor {f}, with overlap < size; "
+                f"got tile_sample_min_size={size}, tile_overlap={overlap}."
+            )
+        self.tile_sample_min_size, self.tile_overlap = size, overlap
+        self.use_tiling = True
+
+    def _check_input(self, x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(
+                f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
+            )
+        height, width = x.shape[-2:]
+        if height % spatial_multiple or width % spatial_multiple:
+            m = spatial_multiple
+            raise ValueError(
+                f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
+                f"resize or crop to e.g. {height // m * m}x{width // m * m}."
+            )
+
+    def _tiled(self, fn, x: torch.Tensor, scale_in: int, scale_out: int) -> torch.Tensor:
+        """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
+
+        Tiles are planned on the latent grid: a tile of `n` latents is `n * scale_in` rows of `x` and
+        `n * scale_out` rows of the output (encode: scale_in = f, scale_out = 1; decode: the reverse).
+        """
+        f = self.downsample_factor
+        tile, overlap = self.tile_sample_min_size // f, self.tile_overlap // f
+        rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
+        cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
+        out = weights = None
+        for top, height in rows:
+            for left, width in cols:
+                piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
+                piece = fn(piece).float()
+                if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
+                    size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+                    out = piece.new_zeros(*piece.shape[:2], *size)
+                    weights = piece.new_zeros(size)
+                ramp = overlap * scale_out
+                weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(piece.shape[-1], ramp, x.device)
+                region = (..., slice(top * scale_out, (top + height) * scale_out), slice(left * scale_out, (left + width) * scale_out))
+                out[region] += piece * weight
+                weights[region[1:]] += weight
+        return (out / weights).to(x.dtype)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._tiled(self.encoder, x, scale_in=self.downsample_factor, scale_out=1)
+        return self.encoder(x)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(z.shape[-2:]) * self.downsample_factor > self.tile_sample_min_size:
+            return self._tiled(self.decoder, z, scale_in=1, scale_out=self.downsample_factor)
+        return self.decoder(z)
+
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        r"""
+        Encode a batch of images into latent distributions.
+
+        The VAE computes in its own dtype and returns the distribution in the dtype of `x`, so a float32 VAE can serve
+        a half-precision pipeline.
+
+        Args:
+            x (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+                Images in [-1, 1]; height and width must be multiples of `downsample_factor`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`AutoencoderKLOutput`] instead of a plain tuple.
+
+        Returns:
+            [`AutoencoderKLOutput`] or `tuple`: `latent_dist`, a `DiagonalGaussianDistribution` over latents of shape
+            `(batch_size, latent_channels, height / downsample_factor, width / downsample_factor)`.
+        """
+        self._check_input(x, self.config.in_channels, "images", self.downsample_factor)
+        h = x.to(self.dtype)
+        if self.use_slicing and h.shape[0] > 1:
+            moments = torch.cat([self._encode(one) for one in h.split(1)])
+        else:
+            moments = self._encode(h)
+        posterior = DiagonalGaussianDistribution(moments.to(x.dtype))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    @apply_forward_hook
+    def decode(
+        self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple:
+        r"""
+        Decode a batch of latents into images.
+
+        Args:
+            z (`torch.Tensor` of shape `(batch_size, latent_channels, height, width)`): Latents (unscaled).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`DecoderOutput`] instead of a plain tuple.
+            generator (`torch.Generator`, *optional*):
+                Accepted for pipeline compatibility; decoding is deterministic.
+
+        Returns:
+            [`DecoderOutput`] or `tuple`: `sample`, images of shape `(batch_size, out_channels, height *
+            downsample_factor, width * downsample_factor)` in the dtype of `z`.
+        """
+        self._check_input(z, self.config.latent_channels, "latents", 1)
+        h = z.to(self.dtype)
+        if self.use_slicing and h.shape[0] > 1:
+            images = torch.cat([self._decode(one) for one in h.split(1)])
+        else:
+            images = self._decode(h)
+        images = images.to(z.dtype)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = True,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> CustomVAEOutput | tuple:
+        r"""
+        Encode and decode: the call a training step makes, so that data-parallel wrappers see it.
+
+        Args:
+            sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): Images in [-1, 1].
+            sample_posterior (`bool`, *optional*, defaults to `True`):
+                Whether to decode a sample of the posterior (training) or its mode (evaluation).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`CustomVAEOutput`] instead of a plain tuple.
+            generator (`torch.Generator`, *optional*): Makes posterior sampling deterministic.
+
+        Returns:
+            [`CustomVAEOutput`] or `tuple`: the reconstruction `sample` and the posterior `latent_dist`.
+        """
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        reconstruction = self.decode(z).sample
+        if not return_dict:
+            return (reconstruction, posterior)
+        return CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Load a saved `CustomVAE` from a local folder or a Hub repo id, as [`ModelMixin.from_pretrained`] does, but
+        refuse weights that are missing, unexpected, of the wrong shape or not finite instead of leaving them random.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except ValueError as error:  # diffusers reports a weight of the wrong shape here, suggesting random weights
+            reason = str(error).split(" If you want to instead overwrite")[0]
+            raise ValueError(f"The weights in {pretrained_model_name_or_path} don't fit its config.json: {reason}") from error
+        except OSError as error:
+            if "Unable to load weights" not in str(error):
+                raise
+            raise OSError(f"{error} The file is truncated or corrupt: download or save it again.") from error
+        problems = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+                    for kind, keys in info.items() if kind != "error_msgs" and keys]  # fmt: skip
+        problems += [f"left on the meta device: {name}" for name, p in model.named_parameters() if p.is_meta][:1]
+        if problems:
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} don't fit its config.json ({'; '.join(problems)}). "
+                "Were they saved from a different config?"
+            )
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"The checkpoint in {pretrained_model_name_or_path} has NaN or inf weights in {bad[:8]}.")
+        return (model, info) if want_info else model
+
+
+def _check_config(block_out_channels, layers_per_block, norm_num_groups, num_attention_heads):
+    if len(block_out_channels) < 1 or layers_per_block < 1:
+        raise ValueError(
+            f"CustomVAE needs at least one entry in block_out_channels and layers_per_block >= 1, "
+            f"got block_out_channels={tuple(block_out_channels)}, layers_per_block={layers_per_block}."
+        )
+    for width in block_out_channels:
+        if width % norm_num_groups:
+            raise ValueError(
+                f"Every width in block_out_channels must be a multiple of norm_num_groups={norm_num_groups}, "
+                f"got {tuple(block_out_channels)}."
+            )
+    if block_out_channels[-1] % num_attention_heads:
+        raise ValueError(
+            f"The bottleneck width {block_out_channels[-1]} must be a multiple of "
+            f"num_attention_heads={num_attention_heads}."
+        )
