@@ -1,0 +1,24 @@
+import os
+
+# Tests never touch the network: the Hub is reached only through local folders and the local cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffusers_custom_vae import CustomVAE  # noqa: E402
+
+# 2x downsampling, 8 and 16 channels: the smallest config that still has every kind of block.
+TINY_CONFIG = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, num_attention_heads=2)
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_vae() -> CustomVAE:
+    torch.manual_seed(0)
+    return CustomVAE(**TINY_CONFIG).eval()
