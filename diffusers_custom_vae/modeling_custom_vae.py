@@ -452,6 +452,39 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             raise ValueError(f"The checkpoint in {pretrained_model_name_or_path} has NaN or inf weights in {bad[:8]}.")
         return (model, info) if want_info else model
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        model_card=None,
+    ) -> str:
+        r"""
+        Upload the config, the safetensors weights and a model card (README.md) to the Hub, in one commit.
+
+        Args:
+            repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
+            commit_message (`str`, *optional*), private (`bool`, *optional*), token (`str`, *optional*),
+            create_pr (`bool`, *optional*, defaults to `False`): As in `huggingface_hub.HfApi.upload_folder`.
+            safe_serialization (`bool`, *optional*, defaults to `True`), variant (`str`, *optional*):
+                As in `save_pretrained`.
+            model_card (`huggingface_hub.ModelCard`, *optional*):
+                The card to upload. By default a card already in the repo is kept, else one is rendered from the
+                package's template.
+
+        Returns:
+            `str`: the URL of the commit.
+        """
+        from diffusers_custom_vae.hub import push_model_to_hub  # package code: this file imports only torch/diffusers
+
+        return push_model_to_hub(
+            self, repo_id, commit_message, private, token, create_pr, safe_serialization, variant, model_card
+        )
+
 
 def _check_config(block_out_channels, layers_per_block, norm_num_groups, num_attention_heads):
     if len(block_out_channels) < 1 or layers_per_block < 1:

@@ -22,3 +22,20 @@ def tiny_config() -> dict:
 def tiny_vae() -> CustomVAE:
     torch.manual_seed(0)
     return CustomVAE(**TINY_CONFIG).eval()
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture
+def run_example():
+    """run_example("train_vae", ["--flag", ...]) calls examples/train_vae.py's main(argv) in this process."""
+    import importlib.util
+
+    def run(name: str, argv: list[str]):
+        spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main(argv)
+
+    return run

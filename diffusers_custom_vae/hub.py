@@ -1,0 +1,119 @@
+"""Model cards and uploads to the Hugging Face Hub, through huggingface_hub's own API."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+TEMPLATE = "custom_vae.md"
+
+
+def _template_path(name: str) -> Path:
+    installed = Path(__file__).parent / "model_cards" / name  # inside an installed wheel
+    return installed if installed.exists() else Path(__file__).parent.parent / "model_cards" / name  # source checkout
+
+
+def render_model_card(
+    vae,
+    repo_id: str | None = None,
+    metrics: dict[str, float] | None = None,
+    metrics_split: str = "held-out images",
+    metrics_resolution: str | None = None,
+    grid_image: str | None = None,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+    description: str | None = None,
+    training: str | None = None,
+    credits: str | None = None,
+) -> ModelCard:
+    r"""
+    Render the model card (README.md) of a `CustomVAE` from the template in `model_cards/`.
+
+    Args:
+        vae (`CustomVAE`): The model the card describes (its config fills the card).
+        repo_id (`str`, *optional*): Where it is published; used in the usage snippet.
+        metrics (`dict[str, float]`, *optional*): Reconstruction metrics, e.g. `{"psnr": 25.1, "ssim": 0.71}`.
+        metrics_split (`str`, *optional*): What the metrics were measured on, in words.
+        metrics_resolution (`str`, *optional*): The image size they were measured at, e.g. `"256x256"`.
+        grid_image (`str`, *optional*): Relative path of an image of originals above reconstructions.
+        datasets (`list[str]`, *optional*): Hub ids or names of the training data, for the card's metadata.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): The weights' licence, for the card's metadata.
+        description (`str`, *optional*), training (`str`, *optional*), credits (`str`, *optional*): Markdown sections.
+    """
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=["diffusers", "diffusers_custom_vae", "vae", "autoencoder", "image-to-image"],
+        datasets=datasets,
+        metrics=sorted(metrics) if metrics else None,
+    )
+    config = vae.config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(_template_path(TEMPLATE)),
+        title=repo_id.split("/")[-1] if repo_id else "CustomVAE",
+        repo_id=repo_id or "path/to/this/folder",
+        parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M",
+        downsample_factor=2 ** (len(config.block_out_channels) - 1),
+        latent_channels=config.latent_channels,
+        scaling_factor=f"{config.scaling_factor:.5g}",
+        shift_factor=None if config.shift_factor is None else f"{config.shift_factor:.5g}",
+        latent_space=config.latent_space,
+        metrics={name: f"{value:.4g}" for name, value in (metrics or {}).items()},
+        metrics_split=metrics_split,
+        metrics_resolution=metrics_resolution,
+        grid_image=grid_image,
+        description=description,
+        training=training,
+        credits=credits,
+    )
+
+
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload CustomVAE",
+    create_pr: bool = False,
+) -> str:
+    r"""
+    Create the model repo if needed and upload `folder` to it. Returns the commit URL.
+
+    The token is passed to huggingface_hub only (default: the one saved by `hf auth login`); it is never printed or
+    written anywhere.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message, create_pr=create_pr
+    )
+    return str(commit)
+
+
+def push_model_to_hub(
+    vae,
+    repo_id: str,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    model_card: ModelCard | None = None,
+) -> str:
+    """`CustomVAE.push_to_hub`: config, weights and a model card, in one commit. A card already in the repo is kept
+    unless `model_card` is given (it may hold metrics from training)."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        vae.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+        if model_card is None and not api.file_exists(repo_id, "README.md"):
+            model_card = render_model_card(vae, repo_id=repo_id)
+        if model_card is not None:
+            model_card.save(os.path.join(folder, "README.md"))
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload CustomVAE", create_pr=create_pr
+        )
+    return str(commit)

@@ -1,0 +1,81 @@
+"""push_to_hub and model cards, with huggingface_hub's HfApi intercepted at its boundary: no network."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+
+from diffusers_custom_vae import CustomVAE
+from diffusers_custom_vae.hub import render_model_card
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Records what would be sent to the Hub: created repos and a copy of each uploaded folder."""
+    hub = SimpleNamespace(created=[], uploads=[], existing_files=set())
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        hub.created.append((repo_id, private))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, create_pr=False, **kwargs):
+        copy = tmp_path / f"upload{len(hub.uploads)}"
+        shutil.copytree(folder_path, copy)
+        hub.uploads.append(SimpleNamespace(repo_id=repo_id, folder=copy, message=commit_message, token=self.token))
+        return f"https://huggingface.co/{repo_id}/commit/0123"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, repo_id, filename, **kw: filename in hub.existing_files)
+    return hub
+
+
+def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
+    url = tiny_vae.push_to_hub("user/dog-vae", token="hf_secret")
+    assert url.startswith("https://huggingface.co/user/dog-vae")
+    (upload,) = fake_hub.uploads
+    assert sorted(p.name for p in upload.folder.iterdir()) == [
+        "README.md", "config.json", "diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    assert upload.repo_id == "user/dog-vae" and upload.token == "hf_secret"
+    card = ModelCard.load(upload.folder / "README.md")
+    assert card.data.library_name == "diffusers" and "diffusers_custom_vae" in card.data.tags
+    assert 'import diffusers_custom_vae' in card.text and 'CustomVAE.from_pretrained("user/dog-vae")' in card.text
+    reloaded = CustomVAE.from_pretrained(upload.folder)
+    for name, tensor in tiny_vae.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_push_to_hub_keeps_a_card_already_in_the_repo(tiny_vae, fake_hub):
+    fake_hub.existing_files.add("README.md")
+    tiny_vae.push_to_hub("user/dog-vae")
+    assert not (fake_hub.uploads[0].folder / "README.md").exists()
+    tiny_vae.push_to_hub("user/dog-vae", model_card=render_model_card(tiny_vae, metrics={"psnr": 30.0}))
+    assert "| psnr | 30 |" in (fake_hub.uploads[1].folder / "README.md").read_text()
+
+
+def test_push_to_hub_with_fp16_variant(tiny_vae, fake_hub):
+    tiny_vae.push_to_hub("user/dog-vae", variant="fp16")
+    names = {p.name for p in fake_hub.uploads[0].folder.iterdir()}
+    assert "diffusion_pytorch_model.fp16.safetensors" in names
+
+
+def test_model_card_metadata_metrics_and_grid(tiny_vae):
+    card = render_model_card(
+        tiny_vae,
+        repo_id="user/dog-vae",
+        metrics={"psnr": 24.51234, "ssim": 0.7123, "ms_ssim": 0.9},
+        metrics_resolution="256x256",
+        grid_image="reconstructions.png",
+        datasets=["user/dogs"],
+        license="cc-by-4.0",
+    )
+    assert card.data.license == "cc-by-4.0" and card.data.datasets == ["user/dogs"]
+    assert card.data.metrics == ["ms_ssim", "psnr", "ssim"]
+    assert "| psnr | 24.51 |" in card.text and "at 256x256" in card.text
+    assert "![reconstructions](reconstructions.png)" in card.text
+    assert "its own latent space" in card.text  # from scratch: the card warns that SD UNets won't work with it
+    parameters = sum(p.numel() for p in tiny_vae.parameters()) / 1e6
+    assert f"{parameters:.2f}M parameters" in card.text and "2x downsampling" in card.text
