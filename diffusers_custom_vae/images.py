@@ -1,14 +1,16 @@
 """Images between files, PIL and tensors. Tensors are (B, 3, H, W) or (3, H, W) in [-1, 1], as the VAE takes them."""
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image file as RGB (greyscale, palette and alpha converted; EXIF rotation applied).
+def load_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Opens an image (a path or a binary file object) as RGB: greyscale, palette and alpha converted, EXIF rotation
+    applied.
 
     Raises `ValueError` naming the file when it is missing, truncated or not an image.
     """
@@ -20,7 +22,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
             return image.convert("RGB")  # convert() reads every pixel: truncated files fail here
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Cannot read image {os.fspath(path)!r}: {error}") from error
+        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "image data")
+        raise ValueError(f"Cannot read image {name!r}: {error}") from error
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -225,7 +225,9 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             Whether pipelines should keep this VAE in float32 when they run in float16.
         latent_space (`str`, *optional*):
             The latent space this VAE's latents live in: `None` for its own (trained from scratch), or the name of the
-            space it was aligned to. A diffusion model only denoises latents of the space it was trained in.
+            space it was aligned to: `"stable-diffusion"` (the SD 1.x/2.x VAE's), `"stable-diffusion-xl"` (SDXL's),
+            or a name of your own that VAEs sharing one space carry. A diffusion model only denoises latents of the
+            space it was trained in: `swap_vae` warns when this differs from the space of the pipeline's VAE.
     """
 
     _supports_gradient_checkpointing = True
@@ -271,6 +273,12 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """How many image pixels one latent spans in each direction (8 by default)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    @property
+    def post_quant_conv(self) -> nn.Conv2d:
+        """The first layer latents go through. SDXL pipelines read its dtype (as `AutoencoderKL`'s) when they upcast
+        a float16 VAE whose config says `force_upcast`; without it their image-to-image and inpainting fail."""
+        return self.decoder.conv_in
+
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
         r"""
         Encode and decode large images tile by tile, in bounded memory. Neighbouring tiles overlap and are
@@ -281,10 +289,10 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 Largest tile, in image pixels; images up to this size are processed whole.
             tile_overlap (`int`, *optional*, defaults to 64): Smallest overlap of neighbouring tiles, in image pixels.
         """
-        size = tile_sample_min_size or self.tile_sample_min_size
+        size = self.tile_sample_min_size if tile_sample_min_size is None else tile_sample_min_size
         overlap = self.tile_overlap if tile_overlap is None else tile_overlap
         f = self.downsample_factor
-        if size % f or overlap % f or not 0 <= overlap < size:
+        if size <= 0 or size % f or overlap % f or not 0 <= overlap < size:
             raise ValueError(
                 f"Tile size and overlap must be multiples of the downsampling factor {f}, with overlap < size; "
                 f"got tile_sample_min_size={size}, tile_overlap={overlap}."
@@ -432,7 +440,9 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        except ValueError as error:  # diffusers reports a weight of the wrong shape here, suggesting random weights
+        except (ValueError, RuntimeError) as error:  # a weight of the wrong shape (diffusers suggests random weights)
+            if "expected shape" not in str(error) and "size mismatch" not in str(error):
+                raise
             reason = str(error).split(" If you want to instead overwrite")[0]
             raise ValueError(f"The weights in {pretrained_model_name_or_path} don't fit its config.json: {reason}") from error
         except OSError as error:

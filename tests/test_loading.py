@@ -1,0 +1,245 @@
+"""Persistence and the Hub: save_pretrained/from_pretrained round trips, loading a repo id through the Hugging Face
+cache with no network, and checkpoints that must fail loudly instead of loading random or meta-device weights."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusers_custom_vae import CustomVAE
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+COMMIT = "6dd927e8f7109261a3c0b6d2e4f5a1b9c8d7e6f5"  # any 40 hex digits: the snapshot folder's name
+
+
+class NetworkAttempted(RuntimeError):
+    """Raised by the socket guard; not an OSError, so no HTTP client mistakes it for a flaky connection and retries."""
+
+
+@pytest.fixture
+def network_attempts(monkeypatch) -> list:
+    """Offline mode, and every name lookup or connection the test still tries, each refused at once.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import (`constants.is_offline_mode()` returns that value): conftest
+    sets the variable before the import, and this makes sure of it whatever was imported first."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise NetworkAttempted(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_vae) -> Path:
+    folder = tmp_path / "dog-vae"
+    tiny_vae.save_pretrained(folder)
+    return folder
+
+
+def public_config(vae: CustomVAE) -> dict:
+    """The config as a user sees it (tuples come back from JSON as lists; private keys record provenance)."""
+    public = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in public.items()}
+
+
+def assert_same_weights(vae: CustomVAE, expected: CustomVAE):
+    state, expected_state = vae.state_dict(), expected.state_dict()
+    assert state.keys() == expected_state.keys()
+    different = [name for name in state if not torch.equal(state[name], expected_state[name])]
+    assert different == []
+
+
+def make_hub_cache(cache: Path, saved_folder: Path, repo_id: str = "user/dog-vae") -> Path:
+    """Lays `saved_folder` out as huggingface_hub's cache does:
+    models--user--dog-vae/{refs/main, blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for file in saved_folder.iterdir():
+        data = file.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    return cache
+
+
+def edit_weights(folder: Path, edit) -> None:
+    path = folder / WEIGHTS
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# ---------------------------------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_is_bit_exact(saved, tiny_vae):
+    assert sorted(os.listdir(saved)) == ["config.json", WEIGHTS]
+    loaded, info = CustomVAE.from_pretrained(saved, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert public_config(loaded) == public_config(tiny_vae)
+    assert_same_weights(loaded, tiny_vae)
+    x = torch.rand(1, 3, 8, 12) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, sample_posterior=False).sample, tiny_vae(x, sample_posterior=False).sample)
+
+
+def test_torch_dtype_loads_float16(saved, tiny_vae):
+    loaded = CustomVAE.from_pretrained(saved, torch_dtype=torch.float16)
+    assert loaded.dtype == torch.float16
+    assert all(p.dtype == torch.float16 for p in loaded.parameters())
+    assert_same_weights(loaded, tiny_vae.half())
+
+
+def test_fp16_variant_is_saved_and_picked(saved, tiny_config, tiny_vae):
+    torch.manual_seed(1)
+    other = CustomVAE(**tiny_config).half()  # different weights, so the file that was read can be told apart
+    other.save_pretrained(saved, variant="fp16")
+    assert sorted(os.listdir(saved)) == ["config.json", "diffusion_pytorch_model.fp16.safetensors", WEIGHTS]
+
+    variant = CustomVAE.from_pretrained(saved, variant="fp16", torch_dtype=torch.float16)
+    assert variant.dtype == torch.float16
+    assert_same_weights(variant, other)
+    assert_same_weights(CustomVAE.from_pretrained(saved), tiny_vae)
+
+
+# ---------------------------------------------------------------------------------------------------- the Hub cache
+
+
+def test_repo_id_loads_from_the_cache_offline(tmp_path, saved, tiny_vae, network_attempts):
+    cache = make_hub_cache(tmp_path / "cache", saved)
+    loaded = CustomVAE.from_pretrained("user/dog-vae", cache_dir=cache)
+    assert network_attempts == []
+    assert_same_weights(loaded, tiny_vae)
+    assert public_config(loaded) == public_config(tiny_vae)
+
+
+def test_network_guard_catches_hub_calls(tmp_path, saved, network_attempts, monkeypatch):
+    # Online, the same load asks the Hub first: the guard refuses it, so the offline test above would fail too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cache = make_hub_cache(tmp_path / "cache", saved)
+    with pytest.raises(NetworkAttempted):
+        CustomVAE.from_pretrained("user/dog-vae", cache_dir=cache)
+    assert network_attempts
+
+
+def test_repo_id_missing_from_the_cache_is_an_oserror(tmp_path, saved, network_attempts):
+    cache = make_hub_cache(tmp_path / "cache", saved)
+    with pytest.raises(OSError, match="user/cat-vae"):
+        CustomVAE.from_pretrained("user/cat-vae", cache_dir=cache)
+    assert network_attempts == []
+
+
+def test_hf_hub_cache_environment_variable_is_honoured(tmp_path, saved, tiny_vae):
+    # HF_HUB_CACHE is read at import time, so a fresh interpreter gets it; it refuses any network access itself.
+    cache = make_hub_cache(tmp_path / "cache", saved)
+    copy = tmp_path / "loaded.safetensors"
+    script = textwrap.dedent(f"""
+        import socket
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"network access attempted: {{args}}")
+        socket.getaddrinfo = socket.create_connection = socket.socket.connect = refuse
+        from safetensors.torch import save_file
+        from diffusers_custom_vae import CustomVAE
+        vae = CustomVAE.from_pretrained("user/dog-vae")
+        save_file(vae.state_dict(), {str(copy)!r})
+    """)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = load_file(copy)
+    assert loaded.keys() == tiny_vae.state_dict().keys()
+    assert all(torch.equal(tensor, tiny_vae.state_dict()[name]) for name, tensor in loaded.items())
+
+
+# ---------------------------------------------------------------------------------------------------- bad checkpoints
+
+
+def test_missing_weights_file_is_an_oserror(saved):
+    (saved / WEIGHTS).unlink()
+    with pytest.raises(OSError, match="no file named"):
+        CustomVAE.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.01], ids=["half", "header-only"])
+def test_truncated_weights_file_is_an_oserror(saved, kept):
+    path = saved / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(OSError, match="truncated or corrupt"):
+        CustomVAE.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        (dict(latent_channels=3), "conv_in.weight"),  # same modules, other shapes
+        (dict(layers_per_block=2), "decoder.blocks"),  # other modules at the same names
+        (dict(mid_block_add_attention=False), "expected shape"),  # fewer modules: later ones shift onto other shapes
+    ],
+    ids=["latent-channels", "layers-per-block", "no-attention"],
+)
+def test_config_that_does_not_match_the_weights_is_a_valueerror(saved, changes, named):
+    edit_config(saved, **changes)
+    with pytest.raises(ValueError, match="don't fit its config.json") as error:
+        CustomVAE.from_pretrained(saved)
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_missing_and_unexpected_keys_are_listed(saved, low_cpu_mem_usage):
+    def edit(state):
+        del state["decoder.conv_out.bias"]
+        state["decoder.extra.weight"] = torch.zeros(2)
+
+    edit_weights(saved, edit)
+    with pytest.raises(ValueError, match="missing keys: decoder.conv_out.bias.*unexpected keys: decoder.extra.weight"):
+        CustomVAE.from_pretrained(saved, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def test_config_mismatch_is_a_valueerror_without_low_cpu_mem_usage(saved):
+    edit_config(saved, latent_channels=3)
+    with pytest.raises(ValueError, match="don't fit its config.json"):
+        CustomVAE.from_pretrained(saved, low_cpu_mem_usage=False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_valueerror(saved, value):
+    def edit(state):
+        state["encoder.conv_in.weight"][0, 0, 0, 0] = value
+
+    edit_weights(saved, edit)
+    with pytest.raises(ValueError, match=r"NaN or inf weights in \['encoder.conv_in.weight'\]"):
+        CustomVAE.from_pretrained(saved)
+
+
+def test_folder_that_does_not_exist_is_an_oserror(tmp_path, network_attempts):
+    with pytest.raises(OSError, match="not the path to a directory"):
+        CustomVAE.from_pretrained(tmp_path / "no-such-folder")
+    assert network_attempts == []
