@@ -1,6 +1,20 @@
-"""A VAE written from scratch, as a first-class diffusers model."""
+"""A VAE written from scratch, as a first-class diffusers model.
+
+Importing the package registers `CustomVAE`'s module, which diffusers needs to load a saved pipeline that uses it.
+Training lives in `diffusers_custom_vae.training` (not imported here: it pulls in the metrics and data libraries).
+"""
 
 from .conversion import convert_tutorial_checkpoint
+from .latents import estimate_scaling_factor
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput
+from .pipelines import LatentSpaceWarning, latent_space_of, swap_vae
 
-__all__ = ["CustomVAE", "CustomVAEOutput", "convert_tutorial_checkpoint"]
+__all__ = [
+    "CustomVAE",
+    "CustomVAEOutput",
+    "LatentSpaceWarning",
+    "convert_tutorial_checkpoint",
+    "estimate_scaling_factor",
+    "latent_space_of",
+    "swap_vae",
+]

@@ -1,0 +1,184 @@
+"""Putting a VAE into a Stable Diffusion pipeline, and knowing whether its UNet can denoise that VAE's latents.
+
+A pipeline reads `vae_scale_factor` and builds its image processors from the VAE once, in `__init__`; a plain
+`pipe.vae = vae` leaves them stale, never casts dtype and leaves model offload hooks on the old VAE. `swap_vae`
+does all of it, and refuses a VAE the pipeline cannot use.
+
+A diffusion model denoises latents of one latent space: the one of the VAE it was trained with. A VAE records the
+space its latents live in in its config (`latent_space`): `None` for its own (trained from scratch), or the name of
+the space it was aligned to. Diffusers' own VAEs have no such field; `latent_space_of` recognises the pretrained
+Stable Diffusion VAEs by their scaling factor.
+"""
+
+import math
+import warnings
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+
+from .modeling_custom_vae import CustomVAE
+
+# Scaling factor of a pretrained AutoencoderKL -> the latent space it encodes into. Fine-tunes of a decoder
+# (sd-vae-ft-mse, sd-vae-ft-ema) keep the encoder, the latent space and the scaling factor.
+KNOWN_LATENT_SPACES = {
+    0.18215: "stable-diffusion",  # the VAE of Stable Diffusion 1.x and 2.x
+    0.13025: "stable-diffusion-xl",  # the VAE of SDXL
+}
+
+# Stable Diffusion and SDXL pipelines check only that height and width are multiples of 8 before dividing them by
+# `vae_scale_factor`: a VAE that downsamples more would silently return images of another size.
+PIPELINE_SIZE_MULTIPLE = 8
+
+
+class LatentSpaceWarning(UserWarning):
+    """A pipeline's UNet was trained on latents of another latent space than the new VAE's: expect noise."""
+
+
+def latent_space_of(vae) -> str | None:
+    r"""
+    The name of the latent space `vae` encodes into, or `None` when it has its own (or it is not known).
+
+    A VAE whose config has a `latent_space` field ([`CustomVAE`]) says it. A diffusers [`AutoencoderKL`] is
+    recognised by its scaling factor, as `KNOWN_LATENT_SPACES` lists: 0.18215 is `"stable-diffusion"` (SD 1.x and
+    2.x), 0.13025 is `"stable-diffusion-xl"`. Any other VAE, and no VAE at all, gives `None`.
+
+    Args:
+        vae (`ModelMixin`, *optional*): A VAE, or `None`.
+
+    Returns:
+        `str` or `None`: the latent space's name.
+    """
+    if vae is None:
+        return None
+    if "latent_space" in vae.config:
+        return vae.config.latent_space
+    if isinstance(vae, AutoencoderKL):
+        for scaling_factor, name in KNOWN_LATENT_SPACES.items():
+            if math.isclose(vae.config.scaling_factor, scaling_factor, rel_tol=1e-4):
+                return name
+    return None
+
+
+def swap_vae(pipe, vae):
+    r"""
+    Put `vae` into a Stable Diffusion pipeline and refresh everything the pipeline derived from its old VAE.
+
+    Works for the Stable Diffusion 1.x/2.x and SDXL pipelines (text-to-image, image-to-image, inpainting), however they
+    were made (`from_pretrained`, `from_pipe`, by hand). It:
+
+    - refuses a VAE whose latent channels differ from the ones the UNet denoises, or whose downsampling the pipeline
+      cannot use (more than 8x: the pipelines accept any multiple of 8 as height and width);
+    - warns ([`LatentSpaceWarning`]) when the VAE's latent space is not known to be the one of the pipeline's VAE
+      (see [`latent_space_of`]): a UNet trained in another latent space produces noise-like images;
+    - registers `vae` as the pipeline's `vae` component (so `save_pretrained` saves it);
+    - moves it to the UNet's device and dtype; a [`CustomVAE`] with `force_upcast=True` stays in float32 (it casts
+      latents and images to and from its own dtype, so it serves a float16 or bfloat16 UNet);
+    - refreshes `vae_scale_factor` and the image processors (`image_processor`, `mask_processor`) built from it,
+      keeping their other settings;
+    - hooks the new VAE into model CPU offload (or sequential CPU offload) when the pipeline had it enabled.
+
+    Args:
+        pipe (`DiffusionPipeline`): A pipeline with `unet` and `vae` components. It is changed in place.
+        vae (`ModelMixin`): The new VAE, e.g. a [`CustomVAE`] or an [`AutoencoderKL`].
+
+    Returns:
+        `DiffusionPipeline`: `pipe`, for chaining.
+    """
+    _check_compatible(pipe, vae)
+    _warn_if_latent_space_differs(pipe, vae)
+
+    # Offload hooks live on the components: take them off the old VAE and put them back on all, new VAE included.
+    reinstall_offload = _installed_offload(pipe)
+    if reinstall_offload is not None:
+        pipe.remove_all_hooks()
+
+    keep_float32 = isinstance(vae, CustomVAE) and vae.config.force_upcast
+    dtype = torch.float32 if keep_float32 else pipe.unet.dtype
+    vae.to(pipe.unet.device)
+    if vae.dtype != dtype:  # diffusers logs a warning on every cast, even a needless one
+        vae.to(dtype=dtype)
+    pipe.register_modules(vae=vae)
+    _refresh_scale_factor(pipe, 2 ** (len(vae.config.block_out_channels) - 1))
+
+    if reinstall_offload is not None:
+        reinstall_offload(device=pipe._offload_device)
+    return pipe
+
+
+def _check_compatible(pipe, vae):
+    pipeline, vae_name = type(pipe).__name__, type(vae).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None or "vae" not in pipe.components:
+        raise ValueError(
+            f"swap_vae works on pipelines with a `unet` and a `vae` (Stable Diffusion 1.x/2.x, SDXL); {pipeline} "
+            f"has the components {sorted(pipe.components)}."
+        )
+    missing = [field for field in ("latent_channels", "block_out_channels") if field not in vae.config]
+    if missing:
+        raise ValueError(
+            f"{pipeline} reads `latent_channels` and `block_out_channels` from its VAE's config, but the config of "
+            f"this {vae_name} has no {' or '.join(missing)}."
+        )
+
+    latent_channels, unet_channels = vae.config.latent_channels, unet.config.out_channels
+    if latent_channels != unet_channels:
+        inputs = unet.config.in_channels
+        inputs_note = ""
+        if inputs == 2 * unet_channels + 1:  # inpainting: noisy latents + masked-image latents + mask
+            inputs_note = f" (its {inputs} input channels are {unet_channels} + {unet_channels} + 1: noisy latents, "
+            inputs_note += "masked-image latents and the mask)"
+        raise ValueError(
+            f"This {vae_name} has {latent_channels} latent channels, but the UNet of {pipeline} denoises "
+            f"{unet_channels}-channel latents{inputs_note}. Use a VAE with latent_channels={unet_channels}, or a "
+            "UNet trained on this VAE's latents."
+        )
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if PIPELINE_SIZE_MULTIPLE % factor:
+        example = factor + PIPELINE_SIZE_MULTIPLE
+        raise ValueError(
+            f"This {vae_name} downsamples {factor}x ({len(vae.config.block_out_channels)} entries in "
+            f"block_out_channels), but {pipeline} accepts any height and width that are multiples of "
+            f"{PIPELINE_SIZE_MULTIPLE}, so most sizes would come out wrong (a {example}x{example} request would "
+            f"return {factor}x{factor}). Use a VAE that downsamples at most {PIPELINE_SIZE_MULTIPLE}x."
+        )
+
+
+def _describe_latent_space(vae) -> str:
+    space = latent_space_of(vae)
+    return "an unnamed latent space" if space is None else f"the {space!r} latent space"
+
+
+def _warn_if_latent_space_differs(pipe, vae):
+    space = latent_space_of(vae)
+    if space is not None and space == latent_space_of(pipe.vae):
+        return
+    warnings.warn(
+        f"The UNet of {type(pipe).__name__} expects latents of {_describe_latent_space(pipe.vae)} (its original "
+        f"VAE's); the new {type(vae).__name__} encodes into {_describe_latent_space(vae)}. A VAE trained from scratch "
+        "has a latent space of its own, and a UNet only denoises latents of the space it was trained in: expect "
+        "noise-like images, unless this UNet was trained on this VAE's latents. Use such a UNet, or a VAE aligned to "
+        "the UNet's latent space; VAEs that share a space carry its name in their configs (`latent_space`).",
+        LatentSpaceWarning,
+        stacklevel=3,
+    )
+
+
+def _installed_offload(pipe):
+    """The pipeline method that installed accelerate's offload hooks, to call again after the swap; or `None`."""
+    if getattr(pipe, "_all_hooks", None):
+        return pipe.enable_model_cpu_offload
+    if hasattr(pipe.unet, "_hf_hook") and getattr(pipe, "_offload_device", None) is not None:
+        return pipe.enable_sequential_cpu_offload
+    return None
+
+
+def _refresh_scale_factor(pipe, factor: int):
+    """Sets `vae_scale_factor` and rebuilds each image processor built with the old one, other settings kept."""
+    old_factor = pipe.vae_scale_factor
+    processors = {name: value for name, value in vars(pipe).items() if isinstance(value, VaeImageProcessor)}
+    for name, processor in processors.items():
+        if processor.config.vae_scale_factor == old_factor:
+            setattr(pipe, name, type(processor).from_config(processor.config, vae_scale_factor=factor))
+    pipe.vae_scale_factor = factor

@@ -1,0 +1,310 @@
+import importlib.util
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DModel,
+)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from PIL import Image
+from tiny_pipelines import (
+    INPAINT_PIPELINES,
+    SD_PIPELINES,
+    SDXL_PIPELINES,
+    tiny_autoencoder_kl,
+    tiny_custom_vae,
+    tiny_pipeline,
+)
+
+from diffusers_custom_vae import CustomVAE
+from diffusers_custom_vae.pipelines import LatentSpaceWarning, latent_space_of, swap_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_TO_IMAGE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+ALL_PIPELINES = SD_PIPELINES + SDXL_PIPELINES
+
+
+def generate(pipe, height: int = 64, width: int = 96, **options):
+    """Runs 2 steps of any tiny pipeline, with a grey image (and a full mask) when it takes them."""
+    if type(pipe) not in TEXT_TO_IMAGE:
+        options.update(image=Image.new("RGB", (width, height), "grey"), strength=0.5)
+    if type(pipe) in INPAINT_PIPELINES:
+        options.update(mask_image=Image.new("L", (width, height), 255))
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a dog", height=height, width=width, num_inference_steps=2, generator=generator, **options).images
+
+
+def swap_scratch_vae(pipe, vae):
+    """swap_vae with a VAE trained from scratch: the latent-space warning is expected."""
+    with pytest.warns(LatentSpaceWarning):
+        return swap_vae(pipe, vae)
+
+
+@pytest.mark.parametrize("pipeline_class", ALL_PIPELINES, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("height, width", [(64, 64), (64, 96)], ids=["square", "wide"])
+def test_every_pipeline_makes_images_of_the_requested_size(pipeline_class, height, width):
+    pipe = tiny_pipeline(pipeline_class)
+    vae = tiny_custom_vae()
+    assert swap_scratch_vae(pipe, vae) is pipe
+    assert pipe.vae is vae
+    assert generate(pipe, height, width)[0].size == (width, height)
+
+
+@pytest.mark.parametrize("pipeline_class", INPAINT_PIPELINES, ids=lambda cls: cls.__name__)
+def test_scale_factor_and_image_processors_follow_the_vae(pipeline_class):
+    pipe = tiny_pipeline(pipeline_class)  # built around an 8x AutoencoderKL
+    old_image_settings, old_mask_settings = dict(pipe.image_processor.config), dict(pipe.mask_processor.config)
+    swap_scratch_vae(pipe, tiny_custom_vae(block_out_channels=(8, 8)))  # 2x
+
+    assert pipe.vae_scale_factor == 2
+    assert dict(pipe.image_processor.config) == {**old_image_settings, "vae_scale_factor": 2}
+    assert dict(pipe.mask_processor.config) == {**old_mask_settings, "vae_scale_factor": 2}
+    assert pipe.mask_processor.config.do_binarize and not pipe.mask_processor.config.do_normalize
+    assert generate(pipe, 32, 48)[0].size == (48, 32)
+
+
+def test_plain_assignment_leaves_the_scale_factor_stale_and_swap_vae_fixes_it():
+    pipe = tiny_pipeline()  # built around an 8x AutoencoderKL
+    pipe.vae = tiny_custom_vae(block_out_channels=(8, 8))  # a 2x VAE: diffusers allows it...
+    assert generate(pipe, 64, 64)[0].size == (16, 16)  # ...but 64 // 8 latents decode 2x into 16 pixels
+
+    swap_scratch_vae(pipe, pipe.vae)
+    assert generate(pipe, 64, 64)[0].size == (64, 64)
+
+
+def test_save_and_reload_keeps_a_working_custom_vae(tmp_path):
+    pipe = tiny_pipeline()
+    vae = tiny_custom_vae(block_out_channels=(8, 8), latent_space="stable-diffusion")
+    swap_vae(pipe, vae)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == [
+        "diffusers_custom_vae.modeling_custom_vae",
+        "CustomVAE",
+    ]
+
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert isinstance(reloaded.vae, CustomVAE)
+    assert tuple(reloaded.vae.config.block_out_channels) == (8, 8)
+    assert reloaded.vae.config.latent_space == "stable-diffusion"
+    for name, weight in vae.state_dict().items():
+        torch.testing.assert_close(reloaded.vae.state_dict()[name], weight, rtol=0, atol=0)
+    assert reloaded.vae_scale_factor == 2
+    np.testing.assert_allclose(generate(reloaded, output_type="np"), generate(pipe, output_type="np"), atol=1e-6)
+
+
+def test_pipelines_from_pretrained_with_vae_and_from_pipe(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    vae = tiny_custom_vae(block_out_channels=(8, 8))
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, vae=vae, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.dtype == torch.float32  # from_pretrained leaves a given VAE in its own dtype
+
+    swap_scratch_vae(pipe, pipe.vae)
+    assert pipe.vae.dtype == torch.bfloat16
+    assert generate(pipe)[0].size == (96, 64)
+
+    with pytest.raises(ValueError, match="expected .* but only"):  # from_pipe drops a VAE that's no AutoencoderKL
+        StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    image_to_image = StableDiffusionImg2ImgPipeline.from_pipe(pipe, vae=pipe.vae)
+    swap_scratch_vae(image_to_image, tiny_custom_vae())
+    assert (image_to_image.vae_scale_factor, pipe.vae_scale_factor) == (8, 2)  # the first pipeline is untouched
+    assert generate(image_to_image)[0].size == (96, 64)
+
+
+def test_a_bfloat16_unet_gets_a_bfloat16_custom_vae():
+    pipe = tiny_pipeline().to(torch.bfloat16)
+    swap_scratch_vae(pipe, tiny_custom_vae())
+
+    assert pipe.vae.dtype == torch.bfloat16
+    images = generate(pipe, output_type="np")
+    assert images.shape == (1, 64, 96, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "pipeline_class, dtype",
+    [(StableDiffusionXLPipeline, torch.bfloat16), *((cls, torch.float16) for cls in SDXL_PIPELINES)],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_force_upcast_keeps_the_custom_vae_float32_in_a_half_precision_sdxl_pipeline(pipeline_class, dtype):
+    pipe = tiny_pipeline(pipeline_class).to(dtype)
+    swap_scratch_vae(pipe, tiny_custom_vae(force_upcast=True))
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == dtype
+
+    # Image-to-image casts a force_upcast VAE to the pipeline's dtype after encoding (as it does AutoencoderKL), and
+    # upcasts a float16 one again to decode, through `vae.post_quant_conv`: the second call takes that path.
+    for _ in range(2):
+        images = generate(pipe, output_type="np")
+        assert images.shape == (1, 64, 96, 3) and np.isfinite(images).all()
+    if pipeline_class is StableDiffusionXLPipeline:
+        assert pipe.vae.dtype == torch.float32
+
+
+class VAEWithoutBlocks(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, latent_channels: int = 4):
+        super().__init__()
+
+
+@pytest.mark.parametrize(
+    "pipeline_class, vae, message",
+    [
+        (StableDiffusionPipeline, tiny_custom_vae(latent_channels=8),
+         r"CustomVAE has 8 latent channels, but the UNet of StableDiffusionPipeline denoises 4-channel latents\. "),
+        (StableDiffusionInpaintPipeline, tiny_custom_vae(latent_channels=8),
+         r"denoises 4-channel latents \(its 9 input channels are 4 \+ 4 \+ 1: noisy latents, masked-image latents "),
+        (StableDiffusionXLPipeline, tiny_custom_vae(block_out_channels=(8,) * 5),
+         r"CustomVAE downsamples 16x \(5 entries in block_out_channels\), but StableDiffusionXLPipeline accepts any "
+         r"height and width that are multiples of 8, .*\(a 24x24 request would return 16x16\)"),
+        (StableDiffusionPipeline, VAEWithoutBlocks(), "this VAEWithoutBlocks has no block_out_channels"),
+    ],
+    ids=["latent channels", "inpainting latent channels", "16x downsampling", "no block_out_channels"],
+)  # fmt: skip
+def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_class, vae, message):
+    pipe = tiny_pipeline(pipeline_class)
+    old_vae, old_processor = pipe.vae, pipe.image_processor
+    with pytest.raises(ValueError, match=message):
+        swap_vae(pipe, vae)
+    assert pipe.vae is old_vae and pipe.image_processor is old_processor and pipe.vae_scale_factor == 8
+
+
+def test_a_pipeline_without_unet_and_vae_is_refused():
+    unet = UNet2DModel(block_out_channels=(4, 4), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=2, add_attention=False)  # fmt: skip
+    pipe = DDPMPipeline(unet, DDPMScheduler())
+    with pytest.raises(ValueError, match=r"DDPMPipeline has the components \['scheduler', 'unet'\]"):
+        swap_vae(pipe, tiny_custom_vae())
+
+
+SD, SDXL = "the 'stable-diffusion' latent space", "the 'stable-diffusion-xl' latent space"
+UNNAMED = "an unnamed latent space"
+
+
+@pytest.mark.parametrize(
+    "pipeline_class, original_vae, new_vae, warning",
+    [
+        (StableDiffusionPipeline, None, tiny_custom_vae(), (SD, "CustomVAE", UNNAMED)),  # from scratch into SD
+        (StableDiffusionPipeline, None, tiny_custom_vae(latent_space="stable-diffusion"), None),
+        (StableDiffusionXLPipeline, None, tiny_custom_vae(latent_space="stable-diffusion"), (SDXL, "CustomVAE", SD)),
+        (StableDiffusionXLImg2ImgPipeline, None, tiny_custom_vae(latent_space="stable-diffusion-xl"), None),
+        (StableDiffusionPipeline, None, tiny_autoencoder_kl(), None),  # the SD VAE itself, back in
+        (StableDiffusionPipeline, tiny_autoencoder_kl(scaling_factor=0.5), tiny_autoencoder_kl(),
+         (UNNAMED, "AutoencoderKL", SD)),
+        (StableDiffusionPipeline, tiny_custom_vae(latent_space="dogs"), tiny_custom_vae(latent_space="dogs"), None),
+        (StableDiffusionPipeline, tiny_custom_vae(), tiny_custom_vae(), (UNNAMED, "CustomVAE", UNNAMED)),
+    ],
+    ids=["scratch->SD", "SD-aligned->SD", "SD-aligned->SDXL", "SDXL-aligned->SDXL", "SD VAE->SD",
+         "SD VAE->unknown", "named own space", "unnamed own spaces"],
+)  # fmt: skip
+def test_latent_space_warning_appears_exactly_when_spaces_may_differ(pipeline_class, original_vae, new_vae, warning):
+    pipe = tiny_pipeline(pipeline_class, vae=original_vae)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        swap_vae(pipe, new_vae)
+    latent_space_warnings = [w for w in caught if w.category is LatentSpaceWarning]
+    assert len(latent_space_warnings) == (warning is not None)
+    if warning is not None:
+        original_space, new_class, new_space = warning
+        message = str(latent_space_warnings[0].message)
+        assert f"expects latents of {original_space} (its original VAE's); " in message
+        assert f"; the new {new_class} encodes into {new_space}. " in message
+        assert "expect noise-like images" in message
+        assert latent_space_warnings[0].filename == __file__  # it points at the caller of swap_vae
+
+
+def test_latent_space_of_known_and_unknown_vaes():
+    assert latent_space_of(tiny_autoencoder_kl(0.18215)) == "stable-diffusion"
+    assert latent_space_of(tiny_autoencoder_kl(0.13025)) == "stable-diffusion-xl"
+    assert latent_space_of(tiny_autoencoder_kl(0.5)) is None
+    assert latent_space_of(tiny_custom_vae(latent_space="stable-diffusion-xl")) == "stable-diffusion-xl"
+    assert latent_space_of(tiny_custom_vae(scaling_factor=0.18215)) is None  # its config says: its own space
+    assert latent_space_of(None) is None
+
+
+def test_model_cpu_offload_hooks_move_to_the_new_vae():
+    pipe = tiny_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks work the same as with a GPU
+    old_vae, hook_count = pipe.vae, len(pipe._all_hooks)
+
+    swap_scratch_vae(pipe, tiny_custom_vae())
+    assert hasattr(pipe.vae, "_hf_hook") and not hasattr(old_vae, "_hf_hook")
+    assert len(pipe._all_hooks) == hook_count
+    assert generate(pipe)[0].size == (96, 64)
+
+
+# The example script, run in-process on tiny pipelines saved to folders.
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("generate_with_sd", ROOT / "examples" / "generate_with_sd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """Tiny SD and SDXL pipelines (sd/, sdxl/), a 2x CustomVAE (vae/), one with 8 latent channels, an image."""
+    folder = tmp_path_factory.mktemp("saved")
+    tiny_pipeline(StableDiffusionPipeline).save_pretrained(folder / "sd")
+    tiny_pipeline(StableDiffusionXLPipeline).save_pretrained(folder / "sdxl")
+    tiny_custom_vae(block_out_channels=(8, 8)).save_pretrained(folder / "vae")
+    tiny_custom_vae(latent_channels=8).save_pretrained(folder / "vae-8-channels")
+    Image.new("RGB", (48, 40), "teal").save(folder / "init.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "pipeline, extra, size",
+    [
+        ("sd", ["--height", "64", "--width", "96"], (96, 64)),
+        ("sdxl", ["--image", "init.png", "--strength", "0.5", "--negative_prompt", "blurry"], (48, 40)),
+        ("sd", ["--image", "init.png", "--height", "64", "--width", "64", "--guidance_scale", "3"], (64, 64)),
+    ],
+    ids=["sd text-to-image", "sdxl image-to-image", "sd image-to-image resized"],
+)
+def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline, extra, size):
+    extra = [str(saved / arg) if arg == "init.png" else arg for arg in extra]
+    output = tmp_path / "out" / "dog.png"
+    argv = ["--pipeline", str(saved / pipeline), "--vae", str(saved / "vae"), "--prompt", "a dog", "--steps", "2"]
+    with pytest.warns(LatentSpaceWarning):  # the user is told what a from-scratch VAE will do
+        assert load_example().main(argv + extra + ["--output", str(output)]) == output
+    with Image.open(output) as image:
+        assert (image.format, image.size) == ("PNG", size)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vae", "{saved}/vae-8-channels"], "--vae .* does not fit --pipeline .*: This CustomVAE has 8 latent"),
+        (["--height", "60"], "--height must be a positive multiple of 8 .* got 60"),
+        (["--strength", "0.5"], "--strength applies to image-to-image"),
+        (["--image", "missing.png"], "--image: Cannot read image 'missing.png'"),
+        (["--vae", "no-such-vae"], "--vae 'no-such-vae' is not a CustomVAE I can load"),
+        (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline' is not a Stable Diffusion pipeline"),
+        (["--output", "dog.jpg"], r"--output must be a \.png file, got 'dog\.jpg'"),
+    ],
+    ids=["vae that doesn't fit", "size", "strength without image", "missing image", "missing vae", "missing pipeline",
+         "not png"],
+)  # fmt: skip
+def test_example_refuses_bad_arguments_clearly(saved, tmp_path, capsys, extra, message):
+    argv = ["--pipeline", str(saved / "sd"), "--vae", str(saved / "vae"), "--prompt", "a dog"]
+    argv += ["--output", str(tmp_path / "dog.png"), *(arg.format(saved=saved) for arg in extra)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_example().main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(f"error: {message}", error), error
