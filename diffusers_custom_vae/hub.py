@@ -28,10 +28,11 @@ def render_model_card(
     credits: str | None = None,
 ) -> ModelCard:
     r"""
-    Render the model card (README.md) of a `CustomVAE` from the template in `model_cards/`.
+    Render the model card (README.md) of a `CustomVAE` (or of an `AutoencoderKL` trained by the package's trainer)
+    from the template in `model_cards/`.
 
     Args:
-        vae (`CustomVAE`): The model the card describes (its config fills the card).
+        vae (`CustomVAE` or `AutoencoderKL`): The model the card describes (its config fills the card).
         repo_id (`str`, *optional*): Where it is published; used in the usage snippet.
         metrics (`dict[str, float]`, *optional*): Reconstruction metrics, e.g. `{"psnr": 25.1, "ssim": 0.71}`.
         metrics_split (`str`, *optional*): What the metrics were measured on, in words.
@@ -48,18 +49,21 @@ def render_model_card(
         datasets=datasets,
         metrics=sorted(metrics) if metrics else None,
     )
+    from .pipelines import latent_space_of  # the pipelines module imports diffusers' pipeline machinery: only now
+
     config = vae.config
     return ModelCard.from_template(
         card_data,
         template_path=str(_template_path(TEMPLATE)),
-        title=repo_id.split("/")[-1] if repo_id else "CustomVAE",
+        title=repo_id.split("/")[-1] if repo_id else type(vae).__name__,
+        model_class=type(vae).__name__,
         repo_id=repo_id or "path/to/this/folder",
         parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M",
         downsample_factor=2 ** (len(config.block_out_channels) - 1),
         latent_channels=config.latent_channels,
         scaling_factor=f"{config.scaling_factor:.5g}",
         shift_factor=None if config.shift_factor is None else f"{config.shift_factor:.5g}",
-        latent_space=config.latent_space,
+        latent_space=latent_space_of(vae),
         metrics={name: f"{value:.4g}" for name, value in (metrics or {}).items()},
         metrics_split=metrics_split,
         metrics_resolution=metrics_resolution,
@@ -77,9 +81,11 @@ def upload_folder_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload CustomVAE",
     create_pr: bool = False,
+    ignore_patterns: list[str] | None = None,
 ) -> str:
     r"""
-    Create the model repo if needed and upload `folder` to it. Returns the commit URL.
+    Create the model repo if needed and upload `folder` to it (but files matching `ignore_patterns`, e.g.
+    `["checkpoint-*"]`). Returns the commit URL.
 
     The token is passed to huggingface_hub only (default: the one saved by `hf auth login`); it is never printed or
     written anywhere.
@@ -87,8 +93,9 @@ def upload_folder_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message, create_pr=create_pr
-    )
+        repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message, create_pr=create_pr,
+        ignore_patterns=ignore_patterns,
+    )  # fmt: skip
     return str(commit)
 
 
