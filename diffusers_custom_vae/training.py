@@ -28,11 +28,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .data import load_data
+from .evaluation import comparison_grid, evaluate_vae, load_vae, vae_class
 from .hub import render_model_card, upload_folder_to_hub
 from .images import image_grid
 from .latents import estimate_scaling_factor
 from .losses import PatchDiscriminator, VAELoss
-from .metrics import psnr, reconstruction_metrics, ssim
+from .metrics import psnr, ssim
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput
 
 
@@ -309,21 +310,17 @@ def _refuse_unaware_copies(accelerator: Accelerator):
         )
 
 
-VAE_CLASSES = {"CustomVAE": CustomVAE, "AutoencoderKL": AutoencoderKL}
-
-
 def _build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
     """A new model from --model_config (a CustomVAE config, or any config whose `_class_name` is AutoencoderKL),
     the weights of --pretrained_model_name_or_path, or the tutorial's default CustomVAE."""
     if config.pretrained_model_name_or_path:
-        saved = CustomVAE.load_config(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)
-        vae = _vae_class(saved, config.pretrained_model_name_or_path).from_pretrained(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)  # fmt: skip
+        vae = load_vae(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)
     elif config.model_config:
         try:
             model_config = json.loads(Path(config.model_config).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"Cannot read --model_config {config.model_config!r}: {error}") from error
-        vae = _vae_class(model_config, config.model_config).from_config(model_config)
+        vae = vae_class(model_config, config.model_config).from_config(model_config)
     else:
         vae = CustomVAE()
     if config.train_decoder_only:  # the encoder side, AutoencoderKL's quant_conv included, keeps the latent space
@@ -333,13 +330,6 @@ def _build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     return vae.train()
-
-
-def _vae_class(model_config: dict, source: str):
-    name = model_config.get("_class_name", "CustomVAE")
-    if name not in VAE_CLASSES:
-        raise ValueError(f"{source} describes a {name}; the trainer trains {' or '.join(VAE_CLASSES)}.")
-    return VAE_CLASSES[name]
 
 
 def _is_stream(dataset) -> bool:
@@ -440,17 +430,12 @@ def export(model: CustomVAE, data, config: TrainConfig, output_dir: Path, num_pr
     model.eval()
     if not config.train_decoder_only:  # a frozen encoder keeps its latents' statistics, and its scaling factor
         estimate_scaling_factor(model, _training_batches(data.train, config), register=True)
-    scores = []
-    for image in tqdm(data.test, desc="held-out metrics"):
-        image = image[None].to(model.device)
-        scores.append(reconstruction_metrics(model(image, sample_posterior=False).sample.clamp(-1, 1), image))
-    metrics = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
+    metrics = evaluate_vae(model, data.test, desc="held-out metrics")
     model.save_pretrained(output_dir)
-    summary = {"split": data.test_description, "images": len(scores), **metrics}
+    summary = {"split": data.test_description, "images": len(data.test), **metrics}
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    originals = data.validation.to(model.device)
-    image_grid([originals, model(originals, sample_posterior=False).sample.clamp(-1, 1)]).save(output_dir / "reconstructions.png")
+    comparison_grid([model], data.validation).save(output_dir / "reconstructions.png")
     card = render_model_card(
         model, repo_id=config.hub_model_id, metrics=metrics, metrics_split=data.test_description,
         grid_image="reconstructions.png", datasets=data.dataset_ids,

@@ -277,3 +277,12 @@ def test_trains_a_diffusers_autoencoderkl_too(tmp_path, run_example):
     before, after = trained.state_dict(), fine_tuned.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+
+def test_evaluate_example_compares_vaes(folder_run, image_folder, tmp_path, run_example, capsys):
+    out = folder_run.output_dir
+    results = run_example("evaluate_vae", ["--vae", str(out), "--vae", str(out), "--train_data_dir", str(image_folder),
+                                           "--resolution", "32", "--output", str(tmp_path / "grid.png")])  # fmt: skip
+    assert results[str(out)]["psnr"] == pytest.approx(folder_run.metrics["psnr"], rel=1e-4)  # the trainer's split
+    assert Image.open(tmp_path / "grid.png").height > 3 * 32  # originals and two rows of reconstructions
+    assert f"| {out} | {folder_run.metrics['psnr']:.2f} |" in capsys.readouterr().out

@@ -1,0 +1,60 @@
+"""Evaluating and comparing VAEs on held-out images: metrics, and a grid to look at."""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .images import image_grid
+from .metrics import reconstruction_metrics
+from .modeling_custom_vae import CustomVAE
+
+VAE_CLASSES = {"CustomVAE": CustomVAE, "AutoencoderKL": AutoencoderKL}
+
+
+def vae_class(config: dict, source: str) -> type:
+    """The class a saved config (`config.json`, its `_class_name`) describes; CustomVAE when it names none."""
+    name = config.get("_class_name", "CustomVAE")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{source} describes a {name}; this works with {' or '.join(VAE_CLASSES)}.")
+    return VAE_CLASSES[name]
+
+
+def load_vae(name_or_path: str, **kwargs) -> CustomVAE | AutoencoderKL:
+    """`from_pretrained` of whichever VAE class the folder or Hub repo holds (`subfolder=` etc. pass through)."""
+    config = CustomVAE.load_config(name_or_path, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "subfolder")})
+    return vae_class(config, name_or_path).from_pretrained(name_or_path, **kwargs)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, images: Iterable[torch.Tensor], desc: str = "evaluating") -> dict[str, float]:
+    r"""
+    Mean PSNR, SSIM and MS-SSIM of a VAE's reconstructions (decoded from the posterior's mode).
+
+    Args:
+        vae (`CustomVAE` or `AutoencoderKL`): The VAE, on the device to evaluate on.
+        images (iterable of `torch.Tensor`): Images (3, H, W) in [-1, 1], one at a time, so sizes may differ (H and
+            W multiples of the VAE's downsampling).
+        desc (`str`, *optional*): The progress bar's label.
+
+    Returns:
+        `dict[str, float]`: `psnr`, `ssim`, `ms_ssim`, averaged over the images.
+    """
+    scores = []
+    for image in tqdm(images, desc=desc):
+        image = image[None].to(vae.device, vae.dtype)
+        scores.append(reconstruction_metrics(vae(image, sample_posterior=False).sample.clamp(-1, 1), image))
+    if not scores:
+        raise ValueError("evaluate_vae needs at least one image.")
+    return {name: sum(score[name] for score in scores) / len(scores) for name in scores[0]}
+
+
+@torch.no_grad()
+def comparison_grid(vaes: Sequence, images: torch.Tensor) -> Image.Image:
+    """Originals (top row), then one row of reconstructions per VAE; `images` is a (B, 3, H, W) batch in [-1, 1]."""
+    rows = [images]
+    for vae in vaes:
+        rows.append(vae(images.to(vae.device, vae.dtype), sample_posterior=False).sample.clamp(-1, 1).float().cpu())
+    return image_grid(rows)
