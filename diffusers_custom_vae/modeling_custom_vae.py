@@ -60,7 +60,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.groupnorm(x).view(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
-        h = self.attention(h).transpose(1, 2).reshape(batch, channels, height, width)
+        # (B, HW, C) -> (B, C, H, W) is a channels-last view: made contiguous, or every later layer runs channels-last,
+        # whose GroupNorm backward is about 3x slower on CPU.
+        h = self.attention(h).transpose(1, 2).reshape(batch, channels, height, width).contiguous()
         return h + x * self.residual_scale
 
 
