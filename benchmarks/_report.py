@@ -1,0 +1,28 @@
+"""BENCHMARKS.md is shared by the benchmark scripts: each owns a section between two markers and rewrites only it."""
+
+import re
+from pathlib import Path
+
+_HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to refresh it.\n"
+
+
+def write_section(path: str | Path, name: str, markdown: str) -> None:
+    """Puts `markdown` between `<!-- {name}:start -->` and `<!-- {name}:end -->` in the file at `path`.
+
+    The section's old text is replaced and the rest of the file is left as it was; a missing section is appended, and a
+    missing file is created.
+    """
+    if not re.fullmatch(r"[\w-]+", name):
+        raise ValueError(f"Section name must be letters, digits, '_' or '-', got {name!r}.")
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{markdown.strip()}\n{end}"
+    text = path.read_text() if path.exists() else _HEADER
+    if text.count(start) != text.count(end) or text.count(start) > 1 or text.find(end) < text.find(start):
+        raise ValueError(f"{path} must hold the markers {start} and {end} once each, in that order; fix it by hand.")
+    if start in text:
+        before, rest = text.split(start)
+        text = before + section + rest.split(end)[1]
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n"
+    path.write_text(text)

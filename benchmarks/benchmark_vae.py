@@ -1,0 +1,467 @@
+"""Benchmark `CustomVAE` against the tutorial's own VAE and diffusers' `AutoencoderKL` of equal width.
+
+    python benchmarks/benchmark_vae.py [--quick] [--device cpu|cuda] [--output BENCHMARKS.md]
+
+In one run on one machine, for the three models: training-step images/s, encode and decode images/s, and the time and
+peak memory of decoding one large image with and without tiling, each in a process of its own so that peaks don't mix.
+The report, with the targets of issue 2 checked, is printed and written into this script's section of BENCHMARKS.md.
+`--quick` runs every code path at tiny sizes (a smoke test: the numbers mean nothing).
+"""
+
+import argparse
+import gc
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from _report import write_section
+from diffusers import AutoencoderKL
+from tqdm import tqdm
+
+from diffusers_custom_vae import CustomVAE, tutorial
+
+SECTION = "benchmark_vae"
+WIDTHS = (32, 64, 128, 128)  # CustomVAE's default block_out_channels, given to AutoencoderKL too
+DOWNSAMPLING = 8
+LATENT_CHANNELS = 4
+KL_WEIGHT = 1e-6
+
+
+@dataclass(frozen=True)
+class Plan:
+    train: dict[int, int]  # resolution -> batch size of one training step
+    inference: dict[int, int]  # resolution -> batch size of one encode or decode
+    large_decode: tuple[int, ...]  # sides of the single images decoded, each in a process of its own
+    warmup: int  # untimed calls before each timed series
+    repeats: int  # timed calls; their median counts
+    tile: int  # tile side for enable_tiling, in pixels
+
+
+FULL = Plan(
+    train={64: 8, 128: 4}, inference={256: 2, 512: 1}, large_decode=(1024, 2048), warmup=1, repeats=5, tile=512
+)
+QUICK = Plan(train={16: 2, 32: 2}, inference={32: 2, 64: 1}, large_decode=(96,), warmup=1, repeats=1, tile=64)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model under test and the calls the benchmark makes of it."""
+
+    build: Callable[[], torch.nn.Module]
+    moments: Callable  # (vae, images (B, 3, H, W)) -> mean, logvar, each (B, 4, H / 8, W / 8)
+    decode: Callable  # (vae, latents (B, 4, h, w)) -> images (B, 3, 8h, 8w)
+    tiles: bool
+
+
+def _posterior_moments(vae, images):
+    posterior = vae.encode(images).latent_dist
+    return posterior.mean, posterior.logvar
+
+
+def _build_autoencoder_kl() -> AutoencoderKL:
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * len(WIDTHS),
+        up_block_types=("UpDecoderBlock2D",) * len(WIDTHS),
+        block_out_channels=WIDTHS,
+        layers_per_block=2,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=32,
+    )
+
+
+SUBJECTS = {
+    "CustomVAE": Subject(CustomVAE, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True),
+    "tutorial": Subject(tutorial.VAE, lambda vae, x: vae.encoder(x), lambda vae, z: vae.decoder(z), tiles=False),
+    "AutoencoderKL": Subject(
+        _build_autoencoder_kl, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True
+    ),
+}
+
+
+def enable_tiling(name: str, vae, tile: int):
+    if name == "CustomVAE":
+        vae.enable_tiling(tile, tile // DOWNSAMPLING)  # 512 px tiles overlapping by 64 px: its defaults
+    else:  # AutoencoderKL tiles at config.sample_size (32 px by default) and overlaps by a quarter of a tile
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // DOWNSAMPLING
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(calls: dict[str, Callable[[], object]], plan: Plan, device: str) -> dict[str, float]:
+    """Median seconds of each model's call. The models take turns call by call, so that a change in the machine's
+    load (others' work on a shared machine) falls on all of them alike."""
+    for call in calls.values():
+        for _ in range(plan.warmup):
+            call()
+    seconds = {name: [] for name in calls}
+    for _ in range(plan.repeats):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def _training_step(subject: Subject, vae, images: torch.Tensor) -> Callable[[], None]:
+    """One step: encode, sample the posterior, decode, L1 + KL loss, backward, AdamW."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    vae.train()
+
+    def step():
+        mean, logvar = subject.moments(vae, images)
+        latents = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = F.l1_loss(subject.decode(vae, latents), images) + KL_WEIGHT * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def training_images_per_second(vaes: dict, resolution: int, batch: int, plan: Plan, device: str) -> dict[str, float]:
+    images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    steps = {name: _training_step(SUBJECTS[name], vae, images) for name, vae in vaes.items()}
+    seconds = median_seconds(steps, plan, device)
+    for vae in vaes.values():
+        vae.zero_grad(set_to_none=True)
+    return {name: batch / seconds[name] for name in vaes}
+
+
+@torch.no_grad()
+def inference_images_per_second(
+    vaes: dict, operation: str, resolution: int, batch: int, plan: Plan, device: str
+) -> dict[str, float]:
+    if operation == "encode":
+        inputs = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    else:
+        side = resolution // DOWNSAMPLING
+        inputs = torch.randn(batch, LATENT_CHANNELS, side, side, device=device)
+    calls = {}
+    for name, vae in vaes.items():
+        run_model = getattr(SUBJECTS[name], "moments" if operation == "encode" else "decode")
+        calls[name] = partial(run_model, vae.eval(), inputs)
+    seconds = median_seconds(calls, plan, device)
+    return {name: batch / seconds[name] for name in vaes}
+
+
+# Decoding one large image, in a process of its own.
+
+
+def _proc_status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in GB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024 / 1e9
+
+
+class PeakMemory:
+    """Peak memory of what runs inside `with`, above the memory in use when it starts (`baseline_gb`): on CPU the
+    process's peak resident set size (reset on entry through /proc/self/clear_refs), on CUDA max_memory_allocated."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_gb = torch.cuda.memory_allocated() / 1e9
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # peak resident set size := resident set size now
+            self.baseline_gb = _proc_status_gb("VmRSS")
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_gb = torch.cuda.max_memory_allocated() / 1e9 - self.baseline_gb
+        else:
+            self.peak_gb = _proc_status_gb("VmHWM") - self.baseline_gb
+
+
+@torch.no_grad()
+def measure_large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str) -> dict:
+    """Seconds and peak memory of decoding one size x size image; run alone in its process."""
+    subject = SUBJECTS[name]
+    torch.manual_seed(0)
+    vae = subject.build().to(device).eval()
+    if tiled:
+        enable_tiling(name, vae, plan.tile)
+    latents = torch.randn(1, LATENT_CHANNELS, size // DOWNSAMPLING, size // DOWNSAMPLING, device=device)
+    subject.decode(vae, latents[..., :8, :8])  # first-call set-up (kernel selection) is not part of decoding
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        subject.decode(vae, latents)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gb": memory.peak_gb, "baseline_gb": memory.baseline_gb}
+
+
+def estimated_decode_gb(name: str, size: int, tiled: bool, plan: Plan) -> float:
+    """Memory one decode needs above the loaded model, roughly: the larger of six float32 activations of the widest
+    full-resolution layer (64 channels; CustomVAE peaks at about five) and, for the tutorial, the two (heads, T, T)
+    float32 attention matrices its explicit softmax holds at once (T = latent pixels of a tile); plus the output and
+    its blending weights: 8.6 GB for the tutorial at 1024x1024 (issue 2 measured about 8.7)."""
+    side = min(size, plan.tile) if tiled else size
+    activations = 6 * side**2 * WIDTHS[1] * 4
+    heads, tokens = 4, (side // DOWNSAMPLING) ** 2
+    attention = 2 * heads * tokens**2 * 4 if name == "tutorial" else 0
+    output = 2 * 4 * size**2 * 4
+    return (max(activations, attention) + output) / 1e9
+
+
+def available_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 1e9
+    with open("/proc/meminfo") as meminfo:
+        line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024 / 1e9
+
+
+def large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str, processes) -> dict | str:
+    """`measure_large_decode` in a new process of the `processes` context, or why it was not run."""
+    if tiled and not SUBJECTS[name].tiles:
+        return "n/a (no tiling)"
+    needed, available = estimated_decode_gb(name, size, tiled, plan), available_gb(device)
+    if needed > 0.75 * available:
+        return f"skipped: needs ~{needed:.0f} GB ({available:.0f} GB free)"
+    with ProcessPoolExecutor(max_workers=1, mp_context=processes) as process:
+        try:
+            return process.submit(measure_large_decode, name, size, tiled, plan, device).result()
+        except BrokenProcessPool:
+            return "failed: the process died (out of memory?)"
+
+
+# The run and its report.
+
+
+def run(plan: Plan, device: str) -> dict:
+    """Every measurement: results[table][key][model] is a number, or a string saying why there is none."""
+    vaes = {}
+    for name, subject in SUBJECTS.items():
+        torch.manual_seed(0)
+        vaes[name] = subject.build().to(device)
+    # Each large decode gets a process of its own, forked from a server that has only imported the libraries:
+    # nothing left in memory from earlier cases, and the imports are paid once. (Preloading "__main__" does nothing on
+    # Python 3.11, so each process runs this script's top level again: cheap, its imports being done.)
+    processes = multiprocessing.get_context("forkserver")
+    processes.set_forkserver_preload(["diffusers_custom_vae", "diffusers.models.autoencoders.autoencoder_kl", "tqdm"])
+    cases = []  # (table, key, what the progress bar says, measurement() -> {model: value})
+    for resolution, batch in plan.train.items():
+        measure = partial(training_images_per_second, vaes, resolution, batch, plan, device)
+        cases.append(("train", resolution, f"train {resolution} px", measure))
+    for operation in ("encode", "decode"):
+        for resolution, batch in plan.inference.items():
+            measure = partial(inference_images_per_second, vaes, operation, resolution, batch, plan, device)
+            cases.append((operation, resolution, f"{operation} {resolution} px", measure))
+    for size in plan.large_decode:
+        for tiled in (False, True):
+            for name in SUBJECTS:
+                measure = partial(large_decode, name, size, tiled, plan, device, processes)
+                label = f"decode one {size} px image, {'tiled' if tiled else 'untiled'}, {name}"
+                cases.append(("large", (size, tiled), label, lambda name=name, measure=measure: {name: measure()}))
+    results = {"train": {}, "encode": {}, "decode": {}, "large": {}}
+    with tqdm(cases, desc="benchmark_vae", unit="case") as progress:
+        for table, key, label, measure in progress:
+            progress.set_postfix_str(label)
+            results[table].setdefault(key, {}).update(measure())
+    return results
+
+
+def _table(headers: list[str], rows: list[tuple[list[str], dict]], number: Callable, digits: int) -> list[str]:
+    """Markdown rows of the three models' values and the ratios CustomVAE / AutoencoderKL and CustomVAE / tutorial;
+    `number` picks the number out of a measurement, and strings (why there is none) are shown as they are."""
+    lines = [
+        "| " + " | ".join([*headers, *SUBJECTS, "CustomVAE / AutoencoderKL", "CustomVAE / tutorial"]) + " |",
+        "|" + "---|" * (len(headers) + len(SUBJECTS) + 2),
+    ]
+    for labels, values in rows:
+        numbers = {name: value if isinstance(value, str) else number(value) for name, value in values.items()}
+        cells = [f"{n:.{digits}f}" if isinstance(n, float) else n for n in numbers.values()]
+        for other in ("AutoencoderKL", "tutorial"):
+            mine, theirs = numbers["CustomVAE"], numbers[other]
+            cells.append(f"{mine / theirs:.2f}" if isinstance(mine, float) and isinstance(theirs, float) else "-")
+        lines.append("| " + " | ".join([*labels, *cells]) + " |")
+    return lines
+
+
+def _check(passed: bool, target: str, detail: str) -> str:
+    return f"- **{'PASS' if passed else 'FAIL'}**: {target}: {detail}"
+
+
+def _targets(results: dict, plan: Plan) -> list[str]:
+    """The targets of issue 2, each checked on CustomVAE's numbers."""
+    lines = []
+    for resolution, speeds in results["train"].items():
+        mine, theirs = speeds["CustomVAE"], speeds["AutoencoderKL"]
+        target = f"training throughput at {resolution} px >= AutoencoderKL's at equal width"
+        lines.append(_check(mine >= theirs, target, f"{mine / theirs:.2f}x ({mine:.2f} vs {theirs:.2f} images/s)"))
+
+    large, small = plan.large_decode[-1], max(plan.inference)
+    target = f"{large}x{large} decoded (tiled) with peak memory under 3 GB"
+    case = results["large"][(large, True)]["CustomVAE"]
+    if isinstance(case, str):
+        lines.append(_check(False, target, case))
+    else:
+        detail = f"{case['peak_gb']:.2f} GB above the process's {case['baseline_gb']:.2f} GB baseline"
+        lines.append(_check(case["peak_gb"] < 3, target, detail))
+
+    small_seconds_per_megapixel = 1e6 / (results["decode"][small]["CustomVAE"] * small**2)
+    for tiled in (True, False):
+        target = (
+            f"decode time per megapixel at {large}x{large} ({'tiled' if tiled else 'untiled'}) within 1.5x of that "
+            f"at {small}x{small} (untiled)"
+        )
+        case = results["large"][(large, tiled)]["CustomVAE"]
+        if isinstance(case, str):
+            lines.append(_check(False, target, case))
+            continue
+        seconds_per_megapixel = case["seconds"] * 1e6 / large**2
+        ratio = seconds_per_megapixel / small_seconds_per_megapixel
+        detail = f"{ratio:.2f}x ({seconds_per_megapixel:.2f} vs {small_seconds_per_megapixel:.2f} s/MP)"
+        lines.append(_check(ratio <= 1.5, target, detail))
+    return lines
+
+
+def _machine(device: str) -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
+    with open("/proc/meminfo") as meminfo:
+        memory_gb = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024 / 1e9
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GB RAM{gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, diffusers {diffusers.__version__}"
+    )
+
+
+def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: float, load_before: float) -> str:
+    millions = {name: sum(p.numel() for p in subject.build().parameters()) / 1e6 for name, subject in SUBJECTS.items()}
+    lines = [
+        "## VAE: CustomVAE vs the tutorial's VAE vs AutoencoderKL (`benchmarks/benchmark_vae.py`)",
+        "",
+        f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
+        f"- Command: `{command}`",
+        f"- Machine: {_machine(device)}; device {device}, float32",
+        f"- Load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(other work on the machine makes the timings slower and noisier)",
+        f"- Models, with random weights and inputs: `CustomVAE()`, the default config ({millions['CustomVAE']:.2f} M "
+        f"parameters); tutorial: `diffusers_custom_vae.tutorial.VAE`, explicit softmax attention "
+        f"({millions['tutorial']:.2f} M); `AutoencoderKL` with block_out_channels {WIDTHS}, 4 DownEncoderBlock2D / "
+        "UpDecoderBlock2D, layers_per_block 2, latent_channels 4, norm_num_groups 32 "
+        f"({millions['AutoencoderKL']:.2f} M)",
+        f"- Timing: the median of {plan.repeats} timed calls, after {plan.warmup} untimed warm-up call(s)",
+        "",
+        "### Targets (issue 2)",
+        "",
+        *_targets(results, plan),
+        "",
+        "### Training step, images/s (higher is better)",
+        "",
+        "One step: encode, sample the posterior, decode, L1 + 1e-6 KL loss, backward, AdamW.",
+        "",
+    ]
+    rows = [
+        ([f"{resolution} px", str(batch)], results["train"][resolution]) for resolution, batch in plan.train.items()
+    ]
+    lines += _table(["resolution", "batch"], rows, float, 2)
+    lines += [
+        "",
+        "### Inference, images/s (higher is better)",
+        "",
+        "Under `torch.no_grad()`: encode gives the posterior's moments, decode the image.",
+        "",
+    ]
+    rows = [
+        ([operation, f"{resolution} px", str(batch)], results[operation][resolution])
+        for operation in ("encode", "decode")
+        for resolution, batch in plan.inference.items()
+    ]
+    lines += _table(["operation", "resolution", "batch"], rows, float, 2)
+
+    large = results["large"]
+    rows = [([f"{size}x{size}", "tiled" if tiled else "untiled"], large[(size, tiled)]) for size, tiled in large]
+    lines += [
+        "",
+        "### Decoding one large image: seconds (lower is better)",
+        "",
+        f"Each case runs in a process of its own, after a small warm-up decode. Tiling: {plan.tile} px tiles "
+        f"(`enable_tiling()`); CustomVAE overlaps them by {plan.tile // DOWNSAMPLING} px, AutoencoderKL by a quarter "
+        "of a tile (its fixed `tile_overlap_factor`). The tutorial has no tiling.",
+        "",
+        *_table(["image", "tiling"], rows, lambda case: case["seconds"], 1),
+    ]
+    if device == "cuda":
+        definition = "torch.cuda.max_memory_allocated during the decode minus torch.cuda.memory_allocated before it"
+    else:
+        definition = (
+            "the process's peak resident set size during the decode (VmHWM, reset just before it) minus its resident "
+            "set size just before it"
+        )
+    baselines = [
+        f"{name} {max(measured):.2f} GB"
+        for name in SUBJECTS
+        if (measured := [case[name]["baseline_gb"] for case in large.values() if isinstance(case[name], dict)])
+    ]
+    lines += [
+        "",
+        "### Decoding one large image: peak memory, GB (lower is better)",
+        "",
+        f"Peak memory: {definition}. Baseline (imports, model and latents loaded): {', '.join(baselines)}.",
+        "",
+        *_table(["image", "tiling"], rows, lambda case: case["peak_gb"], 2),
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
+        help="markdown file whose benchmark_vae section is rewritten (default: BENCHMARKS.md at the repository root)",
+    )
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given, but torch sees no CUDA device; use --device cpu.")
+    if not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist.")
+    plan = QUICK if args.quick else FULL
+
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    results = run(plan, args.device)
+    command = shlex.join(["python", *sys.argv])
+    markdown = report(results, plan, args.device, command, time.perf_counter() - start, load_before)
+    print(markdown)  # first, so that a file that can't be written loses nothing
+    write_section(args.output, SECTION, markdown)
+    print(f"\nWritten to the {SECTION} section of {args.output}")
+
+
+if __name__ == "__main__":
+    main()
