@@ -1,7 +1,12 @@
 """BENCHMARKS.md is shared by the benchmark scripts: each owns a section between two markers and rewrites only it."""
 
+import os
+import platform
 import re
 from pathlib import Path
+
+import diffusers
+import torch
 
 _HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to refresh it.\n"
 
@@ -26,3 +31,16 @@ def write_section(path: str | Path, name: str, markdown: str) -> None:
     else:
         text = f"{text.rstrip()}\n\n{section}\n"
     path.write_text(text)
+
+
+def machine_description(device: str) -> str:
+    """CPU, cores, memory (and GPU), Python, torch, its threads and diffusers, in one line."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
+    with open("/proc/meminfo") as meminfo:
+        memory_gb = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024 / 1e9
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GB RAM{gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, diffusers {diffusers.__version__}"
+    )

@@ -12,7 +12,6 @@ import argparse
 import gc
 import multiprocessing
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -25,10 +24,9 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 
-import diffusers
 import torch
 import torch.nn.functional as F
-from _report import write_section
+from _report import machine_description, write_section
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
@@ -72,7 +70,7 @@ def _posterior_moments(vae, images):
     return posterior.mean, posterior.logvar
 
 
-def _build_autoencoder_kl() -> AutoencoderKL:
+def equal_width_autoencoder_kl() -> AutoencoderKL:
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * len(WIDTHS),
         up_block_types=("UpDecoderBlock2D",) * len(WIDTHS),
@@ -87,7 +85,7 @@ SUBJECTS = {
     "CustomVAE": Subject(CustomVAE, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True),
     "tutorial": Subject(tutorial.VAE, lambda vae, x: vae.encoder(x), lambda vae, z: vae.decoder(z), tiles=False),
     "AutoencoderKL": Subject(
-        _build_autoencoder_kl, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True
+        equal_width_autoencoder_kl, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True
     ),
 }
 
@@ -346,18 +344,6 @@ def _targets(results: dict, plan: Plan) -> list[str]:
     return lines
 
 
-def _machine(device: str) -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
-    with open("/proc/meminfo") as meminfo:
-        memory_gb = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024 / 1e9
-    gpu = f"; GPU: {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GB RAM{gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, diffusers {diffusers.__version__}"
-    )
-
-
 def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: float, load_before: float) -> str:
     millions = {name: sum(p.numel() for p in subject.build().parameters()) / 1e6 for name, subject in SUBJECTS.items()}
     lines = [
@@ -365,7 +351,7 @@ def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: f
         "",
         f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
         f"- Command: `{command}`",
-        f"- Machine: {_machine(device)}; device {device}, float32",
+        f"- Machine: {machine_description(device)}; device {device}, float32",
         f"- Load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
         "(other work on the machine makes the timings slower and noisier)",
         f"- Models, with random weights and inputs: `CustomVAE()`, the default config ({millions['CustomVAE']:.2f} M "

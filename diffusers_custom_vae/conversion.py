@@ -29,7 +29,9 @@ def load_tutorial_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
                 "Loading it could run arbitrary code, so it is refused: re-save it with "
                 "torch.save(model.state_dict(), path)."
             ) from error
-        raise ValueError(f"{path!r} is truncated or not a PyTorch checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{path!r} is truncated or not a PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
     for key in _CONTAINER_KEYS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -75,7 +77,11 @@ def convert_tutorial_checkpoint(
     vae = CustomVAE(**config)
     expected = vae.state_dict()
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    wrong_shape = [f"{n} {shapes[n]} vs {tuple(expected[n].shape)}" for n in expected if n in shapes and shapes[n] != tuple(expected[n].shape)]  # fmt: skip
+    wrong_shape = [
+        f"{n} {shapes[n]} vs {tuple(expected[n].shape)}"
+        for n in expected
+        if n in shapes and shapes[n] != tuple(expected[n].shape)
+    ]
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"{os.fspath(checkpoint_path)!r} does not match CustomVAE({config}): missing {missing[:5]}, "

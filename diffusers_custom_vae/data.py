@@ -382,9 +382,17 @@ def load_data(
         raise ValueError("streaming and dataset_config_name apply only to a dataset given by dataset_name")
     if dataset_name is not None:
         return _dataset_splits(
-            dataset_name, dataset_config_name, image_column, size, center_crop, random_flip, seed, streaming,
-            cache_dir, num_validation_images,
-        )  # fmt: skip
+            dataset_name,
+            dataset_config_name,
+            image_column,
+            size,
+            center_crop,
+            random_flip,
+            seed,
+            streaming,
+            cache_dir,
+            num_validation_images,
+        )
     if train_data_dir is not None:
         return _folder_splits(train_data_dir, size, center_crop, random_flip, seed, num_validation_images)
     if center_crop:

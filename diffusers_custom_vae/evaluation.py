@@ -24,7 +24,9 @@ def vae_class(config: dict, source: str) -> type:
 
 def load_vae(name_or_path: str, **kwargs) -> CustomVAE | AutoencoderKL:
     """`from_pretrained` of whichever VAE class the folder or Hub repo holds (`subfolder=` etc. pass through)."""
-    config = CustomVAE.load_config(name_or_path, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "subfolder")})
+    config = CustomVAE.load_config(
+        name_or_path, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "subfolder")}
+    )
     return vae_class(config, name_or_path).from_pretrained(name_or_path, **kwargs)
 
 
@@ -49,6 +51,18 @@ def evaluate_vae(vae, images: Iterable[torch.Tensor], desc: str = "evaluating") 
     if not scores:
         raise ValueError("evaluate_vae needs at least one image.")
     return {name: sum(score[name] for score in scores) / len(scores) for name in scores[0]}
+
+
+def common_crop(images: Iterable[torch.Tensor], count: int = 8, max_side: int = 256, multiple: int = 8):
+    """The first `count` images (3, H, W), centre-cropped to one square size (the smallest side among them, at most
+    `max_side`, a multiple of `multiple`), as a (B, 3, S, S) tensor: held-out images of any sizes, ready for a grid."""
+    chosen = [image for image, _ in zip(images, range(count))]
+    side = min(max_side, *(min(image.shape[-2:]) for image in chosen)) // multiple * multiple
+    crops = []
+    for image in chosen:
+        top, left = (image.shape[-2] - side) // 2, (image.shape[-1] - side) // 2
+        crops.append(image[:, top : top + side, left : left + side])
+    return torch.stack(crops)
 
 
 @torch.no_grad()

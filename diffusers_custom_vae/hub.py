@@ -93,9 +93,12 @@ def upload_folder_to_hub(
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message, create_pr=create_pr,
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message,
+        create_pr=create_pr,
         ignore_patterns=ignore_patterns,
-    )  # fmt: skip
+    )
     return str(commit)
 
 
@@ -121,6 +124,9 @@ def push_model_to_hub(
         if model_card is not None:
             model_card.save(os.path.join(folder, "README.md"))
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload CustomVAE", create_pr=create_pr
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload CustomVAE",
+            create_pr=create_pr,
         )
     return str(commit)

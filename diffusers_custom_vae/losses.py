@@ -139,8 +139,14 @@ class VAELoss(nn.Module):
         super().__init__()
         if reconstruction not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"reconstruction must be one of {sorted(RECONSTRUCTION_LOSSES)}, got {reconstruction!r}.")
-        weights = dict(kl_weight=kl_weight, ms_ssim_weight=ms_ssim_weight, lpips_weight=lpips_weight,
-                       disc_weight=disc_weight, kl_warmup_steps=kl_warmup_steps, disc_start=disc_start)  # fmt: skip
+        weights = dict(
+            kl_weight=kl_weight,
+            ms_ssim_weight=ms_ssim_weight,
+            lpips_weight=lpips_weight,
+            disc_weight=disc_weight,
+            kl_warmup_steps=kl_warmup_steps,
+            disc_start=disc_start,
+        )
         for name, value in weights.items():
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be >= 0, got {value}.")

@@ -118,8 +118,16 @@ class Encoder(_Blocks):
         128 @ H/8:   VisualBlock(128), AttentionBlock(128), VisualBlock(128)
     """
 
-    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
-                 num_attention_heads, mid_block_add_attention):  # fmt: skip
+    def __init__(
+        self,
+        in_channels,
+        latent_channels,
+        block_out_channels,
+        layers_per_block,
+        norm_num_groups,
+        num_attention_heads,
+        mid_block_add_attention,
+    ):
         super().__init__()
         widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
@@ -148,8 +156,16 @@ class Decoder(_Blocks):
     Each resolution's last block changes the width; the tutorial ends with one more block at full resolution.
     """
 
-    def __init__(self, out_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
-                 num_attention_heads, mid_block_add_attention):  # fmt: skip
+    def __init__(
+        self,
+        out_channels,
+        latent_channels,
+        block_out_channels,
+        layers_per_block,
+        norm_num_groups,
+        num_attention_heads,
+        mid_block_add_attention,
+    ):
         super().__init__()
         widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], kernel_size=3, padding=1)
@@ -335,8 +351,14 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                     out = piece.new_zeros(*piece.shape[:2], *size)
                     weights = piece.new_zeros(size)
                 ramp = overlap * scale_out
-                weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(piece.shape[-1], ramp, x.device)
-                region = (..., slice(top * scale_out, (top + height) * scale_out), slice(left * scale_out, (left + width) * scale_out))
+                weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
+                    piece.shape[-1], ramp, x.device
+                )
+                region = (
+                    ...,
+                    slice(top * scale_out, (top + height) * scale_out),
+                    slice(left * scale_out, (left + width) * scale_out),
+                )
                 out[region] += piece * weight
                 weights[region[1:]] += weight
         return (out / weights).to(x.dtype)
@@ -446,13 +468,18 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             if "expected shape" not in str(error) and "size mismatch" not in str(error):
                 raise
             reason = str(error).split(" If you want to instead overwrite")[0]
-            raise ValueError(f"The weights in {pretrained_model_name_or_path} don't fit its config.json: {reason}") from error
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} don't fit its config.json: {reason}"
+            ) from error
         except OSError as error:
             if "Unable to load weights" not in str(error):
                 raise
             raise OSError(f"{error} The file is truncated or corrupt: download or save it again.") from error
-        problems = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
-                    for kind, keys in info.items() if kind != "error_msgs" and keys]  # fmt: skip
+        problems = [
+            f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+            for kind, keys in info.items()
+            if kind != "error_msgs" and keys
+        ]
         problems += [f"left on the meta device: {name}" for name, p in model.named_parameters() if p.is_meta][:1]
         if problems:
             raise ValueError(

@@ -19,8 +19,10 @@ def main(argv=None):
     config = {} if args.scaling_factor is None else {"scaling_factor": args.scaling_factor}
     vae = convert_tutorial_checkpoint(args.checkpoint, args.output_dir, **config)
     parameters = sum(p.numel() for p in vae.parameters())
-    print(f"Wrote {args.output_dir}: CustomVAE with {parameters / 1e6:.2f}M parameters. Load it with "
-          f"CustomVAE.from_pretrained({args.output_dir!r}).")  # fmt: skip
+    print(
+        f"Wrote {args.output_dir}: CustomVAE with {parameters / 1e6:.2f}M parameters. Load it with "
+        f"CustomVAE.from_pretrained({args.output_dir!r})."
+    )
 
 
 if __name__ == "__main__":

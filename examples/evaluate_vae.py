@@ -11,7 +11,7 @@ diffusers AutoencoderKL folders or Hub ids both work.
 import argparse
 
 from diffusers_custom_vae.data import load_data
-from diffusers_custom_vae.evaluation import comparison_grid, evaluate_vae, load_vae
+from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae, load_vae
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
@@ -20,15 +20,19 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     parser.add_argument("--train_data_dir", default=None, help="a folder of images (its held-out files are used)")
     parser.add_argument("--dataset_name", default=None, help="a Hugging Face dataset (its test split is used)")
     parser.add_argument("--image_column", default="image")
-    parser.add_argument("--resolution", type=int, default=256, help="size of the images in the grid")
+    parser.add_argument("--resolution", type=int, default=256, help="largest side of the (square) grid images")
     parser.add_argument("--output", default="comparison.png", help="the grid: originals above each VAE's row")
     args = parser.parse_args(argv)
 
-    data = load_data(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                     image_column=args.image_column, resolution=args.resolution)  # fmt: skip
+    data = load_data(
+        train_data_dir=args.train_data_dir,
+        dataset_name=args.dataset_name,
+        image_column=args.image_column,
+        resolution=args.resolution,
+    )
     vaes = [load_vae(name).eval() for name in args.vae]
     results = {name: evaluate_vae(vae, data.test, desc=name) for name, vae in zip(args.vae, vaes)}
-    comparison_grid(vaes, data.validation).save(args.output)
+    comparison_grid(vaes, common_crop(data.test, max_side=args.resolution)).save(args.output)
 
     print(f"\nHeld-out: {data.test_description}.\n\n| VAE | PSNR (dB) | SSIM | MS-SSIM |\n|---|---|---|---|")
     for name, metrics in results.items():

@@ -44,8 +44,10 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     for name in ("height", "width"):
         size = getattr(args, name)
         if size is not None and (size <= 0 or size % PIPELINE_SIZE_MULTIPLE):
-            parser.error(f"--{name} must be a positive multiple of {PIPELINE_SIZE_MULTIPLE} (Stable Diffusion "
-                         f"pipelines and the VAE's downsampling require it), got {size}.")  # fmt: skip
+            parser.error(
+                f"--{name} must be a positive multiple of {PIPELINE_SIZE_MULTIPLE} (Stable Diffusion "
+                f"pipelines and the VAE's downsampling require it), got {size}."
+            )
     if args.image is None and args.strength is not None:
         parser.error("--strength applies to image-to-image: give --image too.")
     if args.strength is not None and not 0 < args.strength <= 1:

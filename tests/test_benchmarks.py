@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODELS = ("CustomVAE", "tutorial", "AutoencoderKL")
@@ -94,3 +95,31 @@ def test_write_section_refuses_broken_markers_and_leaves_the_file(tmp_path, cont
 def test_write_section_refuses_a_name_that_cannot_be_a_marker(tmp_path):
     with pytest.raises(ValueError, match="'two words'"):
         _write_section()(tmp_path / "BENCHMARKS.md", "two words", "numbers")
+
+
+def test_quick_training_benchmark_compares_both_models(tmp_path):
+    """benchmarks/benchmark_training.py --quick: both models trained by the trainer, measured, and reported."""
+    output = tmp_path / "BENCHMARKS.md"
+    image = tmp_path / "comparison.png"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "benchmark_training.py"),
+        "--quick",
+        "--output",
+        str(output),
+        "--image",
+        str(image),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = (
+        output.read_text().split("<!-- benchmark_training:start -->")[1].split("<!-- benchmark_training:end -->")[0]
+    )
+    number = r"\d+\.\d+"
+    for model in ("CustomVAE", "AutoencoderKL"):
+        assert re.search(rf"^\| {model} \|( {number} \|){{5}}$", section, re.MULTILINE), model
+    assert re.search(r"^\*\*(PASS|FAIL)\*\* \(issue 4\): CustomVAE's held-out PSNR", section, re.MULTILINE)
+    assert "2 steps of 2 images at 32x32" in section
+    assert "![held-out photos and their reconstructions](comparison.png)" in section
+    assert Image.open(image).height > 3 * 200  # the photos, then a row per model

@@ -24,7 +24,10 @@ def _same_outputs(tutorial_vae, vae):
 
 def test_converted_folder_reproduces_the_tutorial_model(tutorial_vae, tmp_path, run_example):
     torch.save(tutorial_vae.state_dict(), tmp_path / "tutorial.pt")
-    run_example("convert_tutorial_checkpoint", [str(tmp_path / "tutorial.pt"), str(tmp_path / "out"), "--scaling_factor", "0.25"])
+    run_example(
+        "convert_tutorial_checkpoint",
+        [str(tmp_path / "tutorial.pt"), str(tmp_path / "out"), "--scaling_factor", "0.25"],
+    )
     vae = CustomVAE.from_pretrained(tmp_path / "out")
     assert vae.config.scaling_factor == 0.25
     _same_outputs(tutorial_vae, vae)

@@ -238,8 +238,9 @@ def paint(photo_shape: tuple[int, int], validation_red: bool) -> np.ndarray:
 def test_photo_splits_keep_validation_and_test_pixels_out_of_training():
     train_photos = [paint(shape, True) for shape in [(60, 100), (90, 50), (40, 40), (20, 36), (12, 20)]]
     test_photos = [np.full((30, 45, 3), (0, 0, 255), np.uint8), np.full((17, 64, 3), (0, 0, 255), np.uint8)]
-    train, validation, test = photo_splits(train_photos, test_photos, (16, 24), random_flip=True, seed=1,
-                                           num_validation_images=6)  # fmt: skip
+    train, validation, test = photo_splits(
+        train_photos, test_photos, (16, 24), random_flip=True, seed=1, num_validation_images=6
+    )
 
     for epoch in (0, 1):
         train.set_epoch(epoch)

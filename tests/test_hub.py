@@ -37,12 +37,14 @@ def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
     assert url.startswith("https://huggingface.co/user/dog-vae")
     (upload,) = fake_hub.uploads
     assert sorted(p.name for p in upload.folder.iterdir()) == [
-        "README.md", "config.json", "diffusion_pytorch_model.safetensors",
-    ]  # fmt: skip
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     assert upload.repo_id == "user/dog-vae" and upload.token == "hf_secret"
     card = ModelCard.load(upload.folder / "README.md")
     assert card.data.library_name == "diffusers" and "diffusers_custom_vae" in card.data.tags
-    assert 'import diffusers_custom_vae' in card.text and 'CustomVAE.from_pretrained("user/dog-vae")' in card.text
+    assert "import diffusers_custom_vae" in card.text and 'CustomVAE.from_pretrained("user/dog-vae")' in card.text
     reloaded = CustomVAE.from_pretrained(upload.folder)
     for name, tensor in tiny_vae.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name

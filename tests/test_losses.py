@@ -93,13 +93,19 @@ def test_each_term_alone_gives_gradient_to_the_vae(term, tiny_vae, images, fake_
 
 
 def test_terms_are_reported_detached_with_the_loss_they_sum_to(tiny_vae, images, fake_lpips):
-    loss_fn = VAELoss(kl_weight=1e-3, ms_ssim_weight=0.3, lpips_weight=0.2, disc_weight=0.5,
-                      discriminator=tiny_discriminator())  # fmt: skip
+    loss_fn = VAELoss(
+        kl_weight=1e-3, ms_ssim_weight=0.3, lpips_weight=0.2, disc_weight=0.5, discriminator=tiny_discriminator()
+    )
     loss, terms, _ = generator_step(tiny_vae, loss_fn, images)
     assert set(terms) == {"rec", "ms_ssim", "lpips", "kl", "g_adv", "adaptive_weight"}
     assert not any(value.requires_grad for value in terms.values())
-    expected = (terms["rec"] + 0.3 * terms["ms_ssim"] + 0.2 * terms["lpips"] + 1e-3 * terms["kl"] / images[0].numel()
-                + terms["adaptive_weight"] * terms["g_adv"])  # fmt: skip
+    expected = (
+        terms["rec"]
+        + 0.3 * terms["ms_ssim"]
+        + 0.2 * terms["lpips"]
+        + 1e-3 * terms["kl"] / images[0].numel()
+        + terms["adaptive_weight"] * terms["g_adv"]
+    )
     torch.testing.assert_close(loss.detach(), expected)
     assert loss_fn.lpips.net == "vgg" and not any(p.requires_grad for p in loss_fn.lpips.parameters())
 
@@ -283,7 +289,9 @@ def _check_data_parallel_gradients(rank: int, world_size: int, vae_config: dict)
         for (name, p), plain_p in zip(model.named_parameters(), plain.parameters()):
             expected = plain_p.grad.clone()
             torch.distributed.all_reduce(expected)
-            torch.testing.assert_close(p.grad, expected / world_size, msg=lambda m: f"rank {rank}, {name}: {m}")
+            torch.testing.assert_close(
+                p.grad, expected / world_size, msg=lambda m, name=name: f"rank {rank}, {name}: {m}"
+            )
 
 
 def test_losses_under_distributed_data_parallel(tmp_path, tiny_config):

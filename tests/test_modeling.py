@@ -1,5 +1,6 @@
 """CustomVAE's behaviour: shapes, the diffusers contract, gradients, slicing, tiling, and agreement with the
-tutorial's own classes (`diffusers_custom_vae/tutorial.py`). Tiny configs unless the point is the default architecture."""
+tutorial's own classes (`diffusers_custom_vae/tutorial.py`). Tiny configs unless the point is the default
+architecture."""
 
 import copy
 import itertools
@@ -284,7 +285,8 @@ def test_tile_spans_cover_the_length_with_equal_overlapping_tiles():
                 assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == length, case
                 for (start, size), (next_start, _) in itertools.pairwise(spans):
                     assert start < next_start and start + size - next_start >= overlap, case
-                # The fewest tiles: n tiles of at most `tile` overlapping by `overlap` cover n * (tile - overlap) + overlap.
+                # The fewest tiles: n tiles of at most `tile` overlapping by `overlap` cover
+                # n * (tile - overlap) + overlap.
                 assert (len(spans) - 1) * (tile - overlap) + overlap < length, case
 
 

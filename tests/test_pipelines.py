@@ -163,17 +163,26 @@ class VAEWithoutBlocks(ModelMixin, ConfigMixin):
 @pytest.mark.parametrize(
     "pipeline_class, vae, message",
     [
-        (StableDiffusionPipeline, tiny_custom_vae(latent_channels=8),
-         r"CustomVAE has 8 latent channels, but the UNet of StableDiffusionPipeline denoises 4-channel latents\. "),
-        (StableDiffusionInpaintPipeline, tiny_custom_vae(latent_channels=8),
-         r"denoises 4-channel latents \(its 9 input channels are 4 \+ 4 \+ 1: noisy latents, masked-image latents "),
-        (StableDiffusionXLPipeline, tiny_custom_vae(block_out_channels=(8,) * 5),
-         r"CustomVAE downsamples 16x \(5 entries in block_out_channels\), but StableDiffusionXLPipeline accepts any "
-         r"height and width that are multiples of 8, .*\(a 24x24 request would return 16x16\)"),
+        (
+            StableDiffusionPipeline,
+            tiny_custom_vae(latent_channels=8),
+            r"CustomVAE has 8 latent channels, but the UNet of StableDiffusionPipeline denoises 4-channel latents\. ",
+        ),
+        (
+            StableDiffusionInpaintPipeline,
+            tiny_custom_vae(latent_channels=8),
+            r"denoises 4-channel latents \(its 9 input channels are 4 \+ 4 \+ 1: noisy latents, masked-image latents ",
+        ),
+        (
+            StableDiffusionXLPipeline,
+            tiny_custom_vae(block_out_channels=(8,) * 5),
+            r"CustomVAE downsamples 16x \(5 entries in block_out_channels\), but StableDiffusionXLPipeline accepts "
+            r"any height and width that are multiples of 8, .*\(a 24x24 request would return 16x16\)",
+        ),
         (StableDiffusionPipeline, VAEWithoutBlocks(), "this VAEWithoutBlocks has no block_out_channels"),
     ],
     ids=["latent channels", "inpainting latent channels", "16x downsampling", "no block_out_channels"],
-)  # fmt: skip
+)
 def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_class, vae, message):
     pipe = tiny_pipeline(pipeline_class)
     old_vae, old_processor = pipe.vae, pipe.image_processor
@@ -183,8 +192,13 @@ def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_cl
 
 
 def test_a_pipeline_without_unet_and_vae_is_refused():
-    unet = UNet2DModel(block_out_channels=(4, 4), down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=2, add_attention=False)  # fmt: skip
+    unet = UNet2DModel(
+        block_out_channels=(4, 4),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=2,
+        add_attention=False,
+    )
     pipe = DDPMPipeline(unet, DDPMScheduler())
     with pytest.raises(ValueError, match=r"DDPMPipeline has the components \['scheduler', 'unet'\]"):
         swap_vae(pipe, tiny_custom_vae())
@@ -202,14 +216,26 @@ UNNAMED = "an unnamed latent space"
         (StableDiffusionXLPipeline, None, tiny_custom_vae(latent_space="stable-diffusion"), (SDXL, "CustomVAE", SD)),
         (StableDiffusionXLImg2ImgPipeline, None, tiny_custom_vae(latent_space="stable-diffusion-xl"), None),
         (StableDiffusionPipeline, None, tiny_autoencoder_kl(), None),  # the SD VAE itself, back in
-        (StableDiffusionPipeline, tiny_autoencoder_kl(scaling_factor=0.5), tiny_autoencoder_kl(),
-         (UNNAMED, "AutoencoderKL", SD)),
+        (
+            StableDiffusionPipeline,
+            tiny_autoencoder_kl(scaling_factor=0.5),
+            tiny_autoencoder_kl(),
+            (UNNAMED, "AutoencoderKL", SD),
+        ),
         (StableDiffusionPipeline, tiny_custom_vae(latent_space="dogs"), tiny_custom_vae(latent_space="dogs"), None),
         (StableDiffusionPipeline, tiny_custom_vae(), tiny_custom_vae(), (UNNAMED, "CustomVAE", UNNAMED)),
     ],
-    ids=["scratch->SD", "SD-aligned->SD", "SD-aligned->SDXL", "SDXL-aligned->SDXL", "SD VAE->SD",
-         "SD VAE->unknown", "named own space", "unnamed own spaces"],
-)  # fmt: skip
+    ids=[
+        "scratch->SD",
+        "SD-aligned->SD",
+        "SD-aligned->SDXL",
+        "SDXL-aligned->SDXL",
+        "SD VAE->SD",
+        "SD VAE->unknown",
+        "named own space",
+        "unnamed own spaces",
+    ],
+)
 def test_latent_space_warning_appears_exactly_when_spaces_may_differ(pipeline_class, original_vae, new_vae, warning):
     pipe = tiny_pipeline(pipeline_class, vae=original_vae)
     with warnings.catch_warnings(record=True) as caught:
@@ -298,9 +324,16 @@ def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline
         (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline' is not a Stable Diffusion pipeline"),
         (["--output", "dog.jpg"], r"--output must be a \.png file, got 'dog\.jpg'"),
     ],
-    ids=["vae that doesn't fit", "size", "strength without image", "missing image", "missing vae", "missing pipeline",
-         "not png"],
-)  # fmt: skip
+    ids=[
+        "vae that doesn't fit",
+        "size",
+        "strength without image",
+        "missing image",
+        "missing vae",
+        "missing pipeline",
+        "not png",
+    ],
+)
 def test_example_refuses_bad_arguments_clearly(saved, tmp_path, capsys, extra, message):
     argv = ["--pipeline", str(saved / "sd"), "--vae", str(saved / "vae"), "--prompt", "a dog"]
     argv += ["--output", str(tmp_path / "dog.png"), *(arg.format(saved=saved) for arg in extra)]

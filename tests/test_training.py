@@ -15,10 +15,9 @@ import yaml
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 
-from diffusers_custom_vae import CustomVAE
-from diffusers_custom_vae import training
+from diffusers_custom_vae import CustomVAE, training
 from diffusers_custom_vae.losses import VAELoss
-from diffusers_custom_vae.training import TrainConfig, _refuse_unaware_copies, checkpoint_steps, parse_args
+from diffusers_custom_vae.training import _refuse_unaware_copies, checkpoint_steps, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 # 8x downsampling like the default model, so whole held-out photos give few attention tokens.
@@ -34,8 +33,21 @@ def model_config(tmp_path_factory) -> str:
 
 def args(model_config, output_dir, *extra) -> list[str]:
     """A tiny, fast run: 32 px, batches of 2, 3 steps, no tensorboard."""
-    return ["--model_config", model_config, "--output_dir", str(output_dir), "--resolution", "32",
-            "--train_batch_size", "2", "--max_train_steps", "3", "--report_to", "none", *extra]  # fmt: skip
+    return [
+        "--model_config",
+        model_config,
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "3",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +86,20 @@ def folder_run(image_folder, model_config, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("runs") / "folder-vae"
     from diffusers_custom_vae.training import train
 
-    metrics = train(parse_args(args(model_config, output_dir, "--train_data_dir", str(image_folder), "--use_ema",
-                                    "--validation_steps", "2", "--random_flip")))  # fmt: skip
+    metrics = train(
+        parse_args(
+            args(
+                model_config,
+                output_dir,
+                "--train_data_dir",
+                str(image_folder),
+                "--use_ema",
+                "--validation_steps",
+                "2",
+                "--random_flip",
+            )
+        )
+    )
     return SimpleNamespace(output_dir=output_dir, metrics=metrics)
 
 
@@ -101,13 +125,18 @@ def test_folder_run_writes_a_loadable_model_with_metrics_grid_and_card(folder_ru
 def test_bad_files_are_skipped_and_counted(image_folder, model_config, tmp_path, capsys):
     from diffusers_custom_vae.training import train
 
-    train(parse_args(args(model_config, tmp_path / "out", "--train_data_dir", str(image_folder), "--max_train_steps", "1")))
+    train(
+        parse_args(
+            args(model_config, tmp_path / "out", "--train_data_dir", str(image_folder), "--max_train_steps", "1")
+        )
+    )
     assert "Skipped 2 unreadable image file(s)" in capsys.readouterr().out
 
 
 def test_default_data_run(model_config, tmp_path, run_example):
     metrics = run_example("train_vae", args(model_config, tmp_path / "out", "--max_train_steps", "2"))
-    assert all(np.isfinite(v) for v in metrics.values())
+    assert all(np.isfinite(metrics[k]) for k in ("psnr", "ssim", "ms_ssim", "train_images_per_second"))
+    assert metrics["train_steps"] == 2 and "chelsea" in metrics["split"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "CC BY 2.0" in card  # the embedded photos' credit travels with the weights
 
@@ -117,8 +146,19 @@ def test_local_datasets_dataset(model_config, tmp_path, run_example):
     rng = np.random.default_rng(1)
     images = [Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)) for _ in range(8)]
     datasets.Dataset.from_dict({"picture": images}).save_to_disk(str(tmp_path / "ds"))
-    run_example("train_vae", args(model_config, tmp_path / "out", "--dataset_name", str(tmp_path / "ds"),
-                                  "--image_column", "picture", "--max_train_steps", "2"))  # fmt: skip
+    run_example(
+        "train_vae",
+        args(
+            model_config,
+            tmp_path / "out",
+            "--dataset_name",
+            str(tmp_path / "ds"),
+            "--image_column",
+            "picture",
+            "--max_train_steps",
+            "2",
+        ),
+    )
     assert CustomVAE.from_pretrained(tmp_path / "out").config.scaling_factor != 1.0
     with pytest.raises(ValueError, match="no image column 'image'"):
         run_example("train_vae", args(model_config, tmp_path / "out2", "--dataset_name", str(tmp_path / "ds")))
@@ -131,8 +171,18 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 def test_stop_and_resume_ends_with_the_same_weights(image_folder, model_config, tmp_path, run_example, monkeypatch):
     """Interrupted (Ctrl-C) after 2 of 4 steps and resumed, a run ends exactly where an uninterrupted one does: model,
     optimiser, scheduler, EMA, RNG and data position (mid-epoch, with gradient accumulation) all come back."""
-    common = ["--train_data_dir", str(image_folder), "--use_ema", "--gradient_accumulation_steps", "2",
-              "--random_flip", "--lr_warmup_steps", "1", "--max_train_steps", "4"]  # fmt: skip
+    common = [
+        "--train_data_dir",
+        str(image_folder),
+        "--use_ema",
+        "--gradient_accumulation_steps",
+        "2",
+        "--random_flip",
+        "--lr_warmup_steps",
+        "1",
+        "--max_train_steps",
+        "4",
+    ]
     run_example("train_vae", args(model_config, tmp_path / "straight", *common))
 
     def ctrl_c_during_validation(accelerator, model, ema, images, step):
@@ -151,14 +201,29 @@ def test_stop_and_resume_ends_with_the_same_weights(image_folder, model_config, 
 
 def test_checkpoints_are_pruned_and_latest_skips_partial_ones(model_config, tmp_path, run_example):
     out = tmp_path / "out"
-    run_example("train_vae", args(model_config, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
-                                  "--checkpoints_total_limit", "2"))  # fmt: skip
+    run_example(
+        "train_vae",
+        args(
+            model_config, out, "--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"
+        ),
+    )
     assert checkpoint_steps(out) == [3, 4]
     # A process killed while saving leaves only a .partial folder: resuming ignores it.
     (out / "checkpoint-9.partial").mkdir()
     (out / "checkpoint-9.partial" / "model.safetensors").write_bytes(b"half a file")
-    run_example("train_vae", args(model_config, out, "--max_train_steps", "5", "--resume_from_checkpoint", "latest",
-                                  "--checkpoints_total_limit", "2"))  # fmt: skip
+    run_example(
+        "train_vae",
+        args(
+            model_config,
+            out,
+            "--max_train_steps",
+            "5",
+            "--resume_from_checkpoint",
+            "latest",
+            "--checkpoints_total_limit",
+            "2",
+        ),
+    )
     assert checkpoint_steps(out) == [4, 5] and not (out / "checkpoint-9.partial").exists()
 
 
@@ -242,17 +307,31 @@ def test_two_processes_train_one_model(model_config, tmp_path):
     """Two CPU processes (gloo): one model whose replicas stay identical, files written once."""
     out = tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "examples" / "train_vae.py"), *args(model_config, out, "--checkpointing_steps", "2")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "examples" / "train_vae.py"),
+        *args(model_config, out, "--checkpointing_steps", "2"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CustomVAE on 2 process(es) (MULTI_CPU" in result.stdout
     assert "All 2 processes hold identical weights" in result.stdout
     assert result.stdout.count("Saved to") == 1  # only the main process exports
     assert sorted(p.name for p in (out / "checkpoint-2").iterdir() if p.name.startswith("random_states")) == [
-        "random_states_0.pkl", "random_states_1.pkl",
-    ]  # fmt: skip
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     CustomVAE.from_pretrained(out)
 
 
@@ -261,17 +340,31 @@ def test_trains_a_diffusers_autoencoderkl_too(tmp_path, run_example):
     training keeps the encoder, hence the latent space and the scaling factor."""
     from diffusers import AutoencoderKL
 
-    config = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1,
-              "norm_num_groups": 4, "down_block_types": ["DownEncoderBlock2D"] * 4,
-              "up_block_types": ["UpDecoderBlock2D"] * 4}  # fmt: skip
+    config = {
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [8, 8, 16, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
     (tmp_path / "akl.json").write_text(json.dumps(config))
     run_example("train_vae", args(str(tmp_path / "akl.json"), tmp_path / "akl", "--max_train_steps", "2"))
     trained = AutoencoderKL.from_pretrained(tmp_path / "akl")
     assert trained.config.scaling_factor != 0.18215  # estimated from the data
     assert "from diffusers import AutoencoderKL" in (tmp_path / "akl" / "README.md").read_text()
 
-    run_example("train_vae", ["--pretrained_model_name_or_path", str(tmp_path / "akl"), "--train_decoder_only",
-                              *args("unused", tmp_path / "decoder")[2:], "--max_train_steps", "2"])  # fmt: skip
+    run_example(
+        "train_vae",
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "akl"),
+            "--train_decoder_only",
+            *args("unused", tmp_path / "decoder")[2:],
+            "--max_train_steps",
+            "2",
+        ],
+    )
     fine_tuned = AutoencoderKL.from_pretrained(tmp_path / "decoder")
     assert fine_tuned.config.scaling_factor == trained.config.scaling_factor
     before, after = trained.state_dict(), fine_tuned.state_dict()
@@ -281,8 +374,21 @@ def test_trains_a_diffusers_autoencoderkl_too(tmp_path, run_example):
 
 def test_evaluate_example_compares_vaes(folder_run, image_folder, tmp_path, run_example, capsys):
     out = folder_run.output_dir
-    results = run_example("evaluate_vae", ["--vae", str(out), "--vae", str(out), "--train_data_dir", str(image_folder),
-                                           "--resolution", "32", "--output", str(tmp_path / "grid.png")])  # fmt: skip
+    results = run_example(
+        "evaluate_vae",
+        [
+            "--vae",
+            str(out),
+            "--vae",
+            str(out),
+            "--train_data_dir",
+            str(image_folder),
+            "--resolution",
+            "32",
+            "--output",
+            str(tmp_path / "grid.png"),
+        ],
+    )
     assert results[str(out)]["psnr"] == pytest.approx(folder_run.metrics["psnr"], rel=1e-4)  # the trainer's split
     assert Image.open(tmp_path / "grid.png").height > 3 * 32  # originals and two rows of reconstructions
     assert f"| {out} | {folder_run.metrics['psnr']:.2f} |" in capsys.readouterr().out

@@ -122,8 +122,11 @@ def tiny_pipeline(pipeline_class=StableDiffusionPipeline, vae=None):
         tokenizer=tiny_clip_tokenizer(),
     )
     if sdxl:
-        components.update(text_encoder_2=tiny_clip_text_encoder(with_projection=True),
-                          tokenizer_2=tiny_clip_tokenizer(), add_watermarker=False)  # fmt: skip
+        components.update(
+            text_encoder_2=tiny_clip_text_encoder(with_projection=True),
+            tokenizer_2=tiny_clip_tokenizer(),
+            add_watermarker=False,
+        )
     else:
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipeline_class(**components)
