@@ -197,7 +197,9 @@ class CustomVAEOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-    latent_dist: DiagonalGaussianDistribution
+    # A default, as BaseOutput expects of every field but the first: accelerate's mixed precision rebuilds outputs
+    # from a dict (`CustomVAEOutput({"sample": ..., "latent_dist": ...})`), which BaseOutput supports only then.
+    latent_dist: DiagonalGaussianDistribution | None = None
 
 
 def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:

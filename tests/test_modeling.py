@@ -118,6 +118,17 @@ def test_forward_returns_reconstruction_and_posterior(tiny_vae):
     assert torch.equal(posterior.logvar, expected_posterior.logvar)
 
 
+def test_forward_output_survives_accelerates_mixed_precision_wrapper(tiny_vae):
+    """accelerate converts a forward's outputs to float32 by rebuilding them from a dict; both fields must survive."""
+    from accelerate.utils import convert_to_fp32
+
+    with torch.no_grad():
+        output = tiny_vae(random_images(1, 3, 8, 8).bfloat16().float())
+    converted = convert_to_fp32(CustomVAEOutput(sample=output.sample.bfloat16(), latent_dist=output.latent_dist))
+    assert isinstance(converted, CustomVAEOutput) and converted.sample.dtype == torch.float32
+    assert converted.latent_dist is output.latent_dist
+
+
 def test_forward_without_sampling_decodes_the_mode(tiny_vae):
     x = random_images(2, 3, 8, 12)
     with torch.no_grad():

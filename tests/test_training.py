@@ -33,21 +33,8 @@ def model_config(tmp_path_factory) -> str:
 
 def args(model_config, output_dir, *extra) -> list[str]:
     """A tiny, fast run: 32 px, batches of 2, 3 steps, no tensorboard."""
-    return [
-        "--model_config",
-        model_config,
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "32",
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "3",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+    tiny = "--resolution 32 --train_batch_size 2 --max_train_steps 3 --report_to none".split()
+    return ["--model_config", model_config, "--output_dir", str(output_dir), *tiny, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -170,19 +157,11 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 def test_stop_and_resume_ends_with_the_same_weights(image_folder, model_config, tmp_path, run_example, monkeypatch):
     """Interrupted (Ctrl-C) after 2 of 4 steps and resumed, a run ends exactly where an uninterrupted one does: model,
-    optimiser, scheduler, EMA, RNG and data position (mid-epoch, with gradient accumulation) all come back."""
-    common = [
-        "--train_data_dir",
-        str(image_folder),
-        "--use_ema",
-        "--gradient_accumulation_steps",
-        "2",
-        "--random_flip",
-        "--lr_warmup_steps",
-        "1",
-        "--max_train_steps",
-        "4",
-    ]
+    optimiser, scheduler, EMA, discriminator, RNG and data position (mid-epoch, with gradient accumulation) all come
+    back."""
+    flags = "--use_ema --gradient_accumulation_steps 2 --random_flip --lr_warmup_steps 1 --max_train_steps 4"
+    gan = "--disc_scale 0.5 --disc_start 1"  # the adversarial term and the discriminator's updates from step 1
+    common = ["--train_data_dir", str(image_folder), *flags.split(), *gan.split()]
     run_example("train_vae", args(model_config, tmp_path / "straight", *common))
 
     def ctrl_c_during_validation(accelerator, model, ema, images, step):
@@ -392,3 +371,62 @@ def test_evaluate_example_compares_vaes(folder_run, image_folder, tmp_path, run_
     assert results[str(out)]["psnr"] == pytest.approx(folder_run.metrics["psnr"], rel=1e-4)  # the trainer's split
     assert Image.open(tmp_path / "grid.png").height > 3 * 32  # originals and two rows of reconstructions
     assert f"| {out} | {folder_run.metrics['psnr']:.2f} |" in capsys.readouterr().out
+
+
+def test_mixed_precision_checkpointing_and_every_loss_term(model_config, tmp_path):
+    """bf16 autocast keeps float32 master weights; gradient checkpointing, MS-SSIM, KL warm-up and the GAN all run.
+    (A process of its own: accelerate fixes the mixed precision of a process once, at its first Accelerator.)"""
+    flags = "--mixed_precision bf16 --gradient_checkpointing --ms_ssim_scale 0.2 --kl_warmup_steps 2 --disc_scale 0.5"
+    command = [sys.executable, str(REPO / "examples" / "train_vae.py"), *args(model_config, tmp_path, *flags.split())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stdout
+    assert np.isfinite(json.loads((tmp_path / "metrics.json").read_text())["psnr"])
+    assert all(tensor.dtype == torch.float32 for tensor in _weights(tmp_path).values())
+
+
+def test_same_seed_same_weights(model_config, tmp_path, run_example):
+    for name in ("a", "b"):
+        run_example("train_vae", args(model_config, tmp_path / name, "--max_train_steps", "2", "--random_flip"))
+    first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    run_example(
+        "train_vae", args(model_config, tmp_path / "c", "--max_train_steps", "2", "--random_flip", "--seed", "1")
+    )
+    assert not torch.equal(first["decoder.conv_out.weight"], _weights(tmp_path / "c")["decoder.conv_out.weight"])
+
+
+def test_tensorboard_logs_each_loss_term_lr_grad_norm_and_validation(model_config, tmp_path, run_example):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--report_to", "tensorboard", "--validation_steps", "2", "--disc_scale", "0.5"]
+    run_example("train_vae", args(model_config, tmp_path / "out", *flags))
+    (events,) = (tmp_path / "out" / "logs" / "train_vae").glob("events.out.tfevents.*")
+    logs = EventAccumulator(str(events)).Reload()
+    scalars = set(logs.Tags()["scalars"])
+    expected = {"rec", "kl", "g_adv", "adaptive_weight", "d_loss", "lr", "grad_norm", "images_per_second"}
+    assert expected | {"validation/psnr", "validation/ssim"} <= scalars, scalars
+    assert "validation/reconstructions" in logs.Tags()["images"]
+    assert [event.step for event in logs.Scalars("validation/psnr")] == [2, 3]
+
+
+def test_torchrun_without_the_cpu_switch_is_refused(model_config, tmp_path):
+    """On a machine without GPUs, plain torchrun starts processes that each think they are alone: refused."""
+    if torch.cuda.is_available():
+        pytest.skip("with GPUs, torchrun starts a real distributed run")
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "examples" / "train_vae.py"),
+        *args(model_config, out),
+    ]
+    environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "2 processes were launched but accelerate sees 1" in result.stderr
+    assert not (out / "config.json").exists()
