@@ -137,7 +137,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
             parser.add_argument(f"--{f.name}", type=base, default=f.default, **options)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        return TrainConfig(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))  # exits with the usage line and the message, as for any bad flag
 
 
 class TrainingState:
@@ -508,8 +511,8 @@ def export(
     metrics = evaluate_vae(model, data.test, desc="held-out metrics")
     model.save_pretrained(output_dir)
     summary = {**metrics, "split": data.test_description, "images": len(data.test), **(throughput or {})}
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / "training_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     comparison_grid([model], common_crop(data.test)).save(output_dir / "reconstructions.png")
     card = render_model_card(
         model,
@@ -517,7 +520,7 @@ def export(
         metrics=metrics,
         metrics_split=data.test_description,
         grid_image="reconstructions.png",
-        datasets=data.dataset_ids,
+        datasets=data.dataset_ids or None,
         training=_training_summary(config, num_processes, throughput),
         credits=data.credits,
     )

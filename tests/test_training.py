@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffusers_custom_vae import CustomVAE, training
 from diffusers_custom_vae.losses import VAELoss
-from diffusers_custom_vae.training import _refuse_unaware_copies, checkpoint_steps, parse_args
+from diffusers_custom_vae.training import TrainConfig, _refuse_unaware_copies, checkpoint_steps, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 # 8x downsampling like the default model, so whole held-out photos give few attention tokens.
@@ -248,6 +248,7 @@ def test_card_metadata_is_valid_yaml(folder_run):
     header = (folder_run.output_dir / "README.md").read_text().split("---")[1]
     metadata = yaml.safe_load(header)
     assert metadata["library_name"] == "diffusers" and "diffusers_custom_vae" in metadata["tags"]
+    assert "datasets" not in metadata  # a local folder is not a Hub dataset: no empty list either
 
 
 def test_unaware_copies_are_refused(monkeypatch):
@@ -267,9 +268,17 @@ def test_unaware_copies_are_refused(monkeypatch):
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
     ],
 )
-def test_invalid_flags_are_clear_errors(bad, message):
-    with pytest.raises(ValueError, match=message):
+def test_invalid_flags_are_clear_errors(bad, message, capsys):
+    with pytest.raises(SystemExit) as exit:
         parse_args(bad)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_config_refuses_bad_values_from_python_too():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        TrainConfig(resolution=(30,))
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(train_data_dir="a", dataset_name="b")
 
 
 def test_resolution_flag_takes_one_or_two_numbers():
