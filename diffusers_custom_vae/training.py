@@ -6,6 +6,7 @@ model's `forward`, so data-parallel replicas stay in sync; checkpoints are writt
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -185,6 +186,7 @@ class StopRequest:
 def train(config: TrainConfig) -> dict:
     """Runs the whole job: data, model, training loop, then the output folder (model, metrics, grid, model card).
     Returns what metrics.json holds: held-out metrics and training throughput."""
+    _require_training_extras(config)
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -364,6 +366,21 @@ class WithPosterior(nn.Module):
         posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample() if sample_posterior else posterior.mode()
         return CustomVAEOutput(sample=self.vae.decode(latents).sample, latent_dist=posterior)
+
+
+def _require_training_extras(config: TrainConfig):
+    """The packages of the `train` extra this run needs, or an error that says how to install them."""
+    needed = {"tensorboard": "--report_to tensorboard"} if config.report_to in ("tensorboard", "all") else {}
+    if config.dataset_name:
+        needed["datasets"] = "--dataset_name"
+    elif not config.train_data_dir:
+        needed |= {"skimage": "the embedded photos", "sklearn": "the embedded photos"}
+    missing = [f"{module} (for {use})" for module, use in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(
+            f"Training needs {', '.join(missing)}: install them with `pip install 'diffusers_custom_vae[train]'` "
+            '(or `pip install -e ".[train]"` in a checkout).'
+        )
 
 
 def _refuse_unaware_copies(accelerator: Accelerator):

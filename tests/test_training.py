@@ -439,3 +439,17 @@ def test_torchrun_without_the_cpu_switch_is_refused(model_config, tmp_path):
     assert result.returncode != 0
     assert "2 processes were launched but accelerate sees 1" in result.stderr
     assert not (out / "config.json").exists()
+
+
+def test_missing_training_extras_say_how_to_install_them(model_config, tmp_path, run_example, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        ImportError, match=r"skimage \(for the embedded photos\).*pip install 'diffusers_custom_vae\[train\]'"
+    ):
+        run_example("train_vae", args(model_config, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
