@@ -133,20 +133,11 @@ def test_local_datasets_dataset(model_config, tmp_path, run_example):
     rng = np.random.default_rng(1)
     images = [Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)) for _ in range(8)]
     datasets.Dataset.from_dict({"picture": images}).save_to_disk(str(tmp_path / "ds"))
-    run_example(
-        "train_vae",
-        args(
-            model_config,
-            tmp_path / "out",
-            "--dataset_name",
-            str(tmp_path / "ds"),
-            "--image_column",
-            "picture",
-            "--max_train_steps",
-            "2",
-        ),
-    )
+    dataset = ["--dataset_name", str(tmp_path / "ds"), "--image_column", "picture", "--max_train_steps", "2"]
+    run_example("train_vae", args(model_config, tmp_path / "out", *dataset))
     assert CustomVAE.from_pretrained(tmp_path / "out").config.scaling_factor != 1.0
+    run_example("train_vae", args(model_config, tmp_path / "streamed", *dataset, "--streaming"))
+    assert CustomVAE.from_pretrained(tmp_path / "streamed").config.scaling_factor != 1.0
     with pytest.raises(ValueError, match="no image column 'image'"):
         run_example("train_vae", args(model_config, tmp_path / "out2", "--dataset_name", str(tmp_path / "ds")))
 
