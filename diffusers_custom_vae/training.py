@@ -145,16 +145,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 class TrainingState:
-    """Where the run is; saved in every checkpoint beside the model, optimiser, schedulers and RNG states."""
+    """Where the run is: optimiser steps, epoch, and batches consumed in that epoch (a resume skips them). Saved in
+    every checkpoint beside the model, optimiser, schedulers and RNG states."""
 
     def __init__(self):
-        self.step, self.epoch = 0, 0
+        self.step, self.epoch, self.epoch_batches = 0, 0, 0
 
     def state_dict(self):
-        return {"step": self.step, "epoch": self.epoch}
+        return {"step": self.step, "epoch": self.epoch, "epoch_batches": self.epoch_batches}
 
     def load_state_dict(self, state):
-        self.step, self.epoch = state["step"], state["epoch"]
+        self.step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
 
 
 class StopRequest:
@@ -228,6 +229,11 @@ def train(config: TrainConfig) -> dict:
         vae, adamw([p for p in model.parameters() if p.requires_grad]), loader
     )
     steps_per_epoch = None if _is_stream(data.train) else math.ceil(len(loader) / config.gradient_accumulation_steps)
+    if steps_per_epoch == 0:  # drop_last leaves no batch: the loop would wait for one forever
+        raise ValueError(
+            f"The training data holds {len(data.train)} images, fewer than one batch of {config.train_batch_size} "
+            f"per process on {processes} process(es): lower --train_batch_size or add images."
+        )
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     scheduler = accelerator.prepare(
         get_scheduler(  # stepped once per process per step, hence the factors
@@ -282,9 +288,11 @@ def train(config: TrainConfig) -> dict:
         while state.step < max_steps:
             loader.set_epoch(state.epoch)  # the shuffle order depends on (seed, epoch)...
             data.train.set_epoch(state.epoch)  # ...and so does each image's augmentation
-            batches_done = (state.step - state.epoch * (steps_per_epoch or 0)) * config.gradient_accumulation_steps
+            done = state.epoch_batches  # batches of this epoch consumed before a resume
             tick = time.perf_counter()
-            for images in accelerator.skip_first_batches(loader, batches_done) if batches_done else loader:
+            for state.epoch_batches, images in enumerate(
+                accelerator.skip_first_batches(loader, done) if done else loader, start=done + 1
+            ):
                 with accelerator.accumulate(vae, *([discriminator] if discriminator else [])):
                     output = vae(images)  # the wrapped forward: data-parallel gradients stay in sync
                     loss, terms = loss_fn.generator_loss(output, images, state.step, model.decoder.conv_out.weight)
@@ -333,7 +341,9 @@ def train(config: TrainConfig) -> dict:
                     break
                 tick = time.perf_counter()
             else:
-                state.epoch += 1
+                if state.epoch_batches == 0:  # a stream that ends before its first batch would loop forever
+                    raise ValueError(f"The training data gave no batch of {config.train_batch_size} images.")
+                state.epoch, state.epoch_batches = state.epoch + 1, 0
     progress.close()
 
     _check_ranks_in_sync(accelerator, model)

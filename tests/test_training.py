@@ -444,3 +444,13 @@ def test_missing_training_extras_say_how_to_install_them(model_config, tmp_path,
     ):
         run_example("train_vae", args(model_config, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_fewer_images_than_a_batch_is_a_clear_error(model_config, tmp_path, run_example):
+    for index in range(3):
+        Image.new("RGB", (40, 40), (index * 80, 0, 0)).save(tmp_path / f"{index}.png")
+    with pytest.raises(ValueError, match=r"holds 2 images, fewer than one batch of 8 .*lower --train_batch_size"):
+        run_example(
+            "train_vae",
+            args(model_config, tmp_path / "out", "--train_data_dir", str(tmp_path), "--train_batch_size", "8"),
+        )
