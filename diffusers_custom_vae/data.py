@@ -11,7 +11,7 @@ One entry point, `load_data(...) -> DataSplits`:
 - `test`: a map-style `ImageDataset` of whole held-out images (3, h, w), sizes varying: images longer than 1024 px
   are downscaled to 1024 (Lanczos, aspect kept), then every image is centre-cropped to multiples of 8
   (`images.crop_to_multiple`), so VAEs that downsample up to 8x take them as they are. Evaluate one at a time.
-- `description`, `test_description`, `dataset_ids`, `license`, `credits`: for the model card and metrics.json;
+- `description`, `test_description`, `dataset_ids`, `credits`: for the model card and metrics.json;
   `skipped`: (name, reason) for every image that could not be read, including those that DataLoader workers found
   (they mark a shared-memory tensor).
 
@@ -322,7 +322,6 @@ class DataSplits:
         description (`str`): the training data in a sentence or two, for the model card.
         test_description (`str`): what `test` holds, in words ("2 whole photos held out from ..."), for metrics.
         dataset_ids (`list[str]`): Hub ids of the data, for the model card's `datasets:` metadata (empty if local).
-        license (`str`, *optional*): the data's licence in words, when known. Not the weights' licence.
         credits (`str`, *optional*): attribution the data's licences require, in Markdown.
         rejected (`list[tuple[str, str]]`): (path, reason) of the files the up-front check found unreadable.
     """
@@ -333,7 +332,6 @@ class DataSplits:
     description: str
     test_description: str
     dataset_ids: list[str] = field(default_factory=list)
-    license: str | None = None
     credits: str | None = None
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
@@ -409,7 +407,6 @@ def load_data(
             f"first three quarters of each (along its longer side), the last quarter held out for validation."
         ),
         test_description=f"{len(test_photos)} whole photos held out from the embedded data ({names})",
-        license="public domain, CC0 and CC BY 2.0 photos",
         credits=EMBEDDED_PHOTOS_CREDITS,
     )
 
@@ -605,7 +602,6 @@ def _dataset_splits(
         description=f"The {train_key!r} split of the Hugging Face dataset {dataset}, column {column!r}.",
         test_description=f"{len(held_out)} whole images of {held_out_from} of {dataset}",
         dataset_ids=[] if Path(name).exists() else [name],
-        license=splits[train_key].info.license or None,
     )
 
 

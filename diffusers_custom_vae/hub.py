@@ -115,18 +115,10 @@ def push_model_to_hub(
 ) -> str:
     """`CustomVAE.push_to_hub`: config, weights and a model card, in one commit. A card already in the repo is kept
     unless `model_card` is given (it may hold metrics from training)."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         vae.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-        if model_card is None and not api.file_exists(repo_id, "README.md"):
+        if model_card is None and not HfApi(token=token).file_exists(repo_id, "README.md"):
             model_card = render_model_card(vae, repo_id=repo_id)
         if model_card is not None:
             model_card.save(os.path.join(folder, "README.md"))
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or "Upload CustomVAE",
-            create_pr=create_pr,
-        )
-    return str(commit)
+        return upload_folder_to_hub(folder, repo_id, token, private, commit_message or "Upload CustomVAE", create_pr)
