@@ -49,6 +49,7 @@ def render_model_card(
         datasets=datasets,
         metrics=sorted(metrics) if metrics else None,
     )
+    from .modeling_custom_vae import downsample_factor_of
     from .pipelines import latent_space_of  # the pipelines module imports diffusers' pipeline machinery: only now
 
     config = vae.config
@@ -59,7 +60,7 @@ def render_model_card(
         model_class=type(vae).__name__,
         repo_id=repo_id or "path/to/this/folder",
         parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M",
-        downsample_factor=2 ** (len(config.block_out_channels) - 1),
+        downsample_factor=downsample_factor_of(vae),
         latent_channels=config.latent_channels,
         scaling_factor=f"{config.scaling_factor:.5g}",
         shift_factor=None if config.shift_factor is None else f"{config.shift_factor:.5g}",

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
@@ -185,9 +184,9 @@ class Decoder(_Blocks):
 
 
 @dataclass
-class CustomVAEOutput(BaseOutput):
+class CustomVAEOutput(DecoderOutput):
     """
-    Output of [`CustomVAE.forward`]: everything a training loss needs from one call.
+    Output of [`CustomVAE.forward`] with `return_posterior=True`: everything a training loss needs from one call.
 
     Args:
         sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
@@ -196,10 +195,17 @@ class CustomVAEOutput(BaseOutput):
             The posterior the reconstruction was decoded from (its `kl()` is the KL term).
     """
 
-    sample: torch.Tensor
     # A default, as BaseOutput expects of every field but the first: accelerate's mixed precision rebuilds outputs
     # from a dict (`CustomVAEOutput({"sample": ..., "latent_dist": ...})`), which BaseOutput supports only then.
     latent_dist: DiagonalGaussianDistribution | None = None
+
+
+def downsample_factor_of(vae) -> int:
+    """How many image pixels one latent spans in each direction, for a `CustomVAE`, a diffusers `AutoencoderKL` or
+    either's config: each entry of `block_out_channels` after the first halves the height and width, which is also
+    how pipelines compute their `vae_scale_factor`."""
+    config = getattr(vae, "config", vae)
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -291,7 +297,7 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     @property
     def downsample_factor(self) -> int:
         """How many image pixels one latent spans in each direction (8 by default)."""
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return downsample_factor_of(self)
 
     @property
     def post_quant_conv(self) -> nn.Conv2d:
@@ -432,30 +438,40 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def forward(
         self,
         sample: torch.Tensor,
-        sample_posterior: bool = True,
+        sample_posterior: bool = False,
         return_dict: bool = True,
         generator: torch.Generator | None = None,
-    ) -> CustomVAEOutput | tuple:
+        return_posterior: bool = False,
+    ) -> DecoderOutput | CustomVAEOutput | tuple:
         r"""
-        Encode and decode: the call a training step makes, so that data-parallel wrappers see it.
+        Encode and decode, as [`AutoencoderKL.forward`] does; with `return_posterior=True`, also return the posterior:
+        the one call a training step makes, so that data-parallel wrappers see it.
 
         Args:
             sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): Images in [-1, 1].
-            sample_posterior (`bool`, *optional*, defaults to `True`):
-                Whether to decode a sample of the posterior (training) or its mode (evaluation).
+            sample_posterior (`bool`, *optional*, defaults to `False`):
+                Whether to decode a sample of the posterior (training) instead of its mode (deterministic).
             return_dict (`bool`, *optional*, defaults to `True`):
-                Whether to return a [`CustomVAEOutput`] instead of a plain tuple.
+                Whether to return an output object instead of a plain tuple.
             generator (`torch.Generator`, *optional*): Makes posterior sampling deterministic.
+            return_posterior (`bool`, *optional*, defaults to `False`):
+                Whether to return the posterior beside the reconstruction (a [`CustomVAEOutput`], or a
+                `(sample, posterior)` tuple).
 
         Returns:
-            [`CustomVAEOutput`] or `tuple`: the reconstruction `sample` and the posterior `latent_dist`.
+            [`DecoderOutput`] or `tuple` `(sample,)`, as `AutoencoderKL` returns; with `return_posterior`, a
+            [`CustomVAEOutput`] or `(sample, latent_dist)`.
         """
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         reconstruction = self.decode(z).sample
-        if not return_dict:
-            return (reconstruction, posterior)
-        return CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
+        if return_posterior:
+            return (
+                CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
+                if return_dict
+                else (reconstruction, posterior)
+            )
+        return DecoderOutput(sample=reconstruction) if return_dict else (reconstruction,)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

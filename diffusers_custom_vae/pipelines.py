@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
-from .modeling_custom_vae import CustomVAE
+from .modeling_custom_vae import CustomVAE, downsample_factor_of
 
 # Scaling factor of a pretrained AutoencoderKL -> the latent space it encodes into. Fine-tunes of a decoder
 # (sd-vae-ft-mse, sd-vae-ft-ema) keep the encoder, the latent space and the scaling factor.
@@ -99,7 +99,7 @@ def swap_vae(pipe, vae):
     if vae.dtype != dtype:  # diffusers logs a warning on every cast, even a needless one
         vae.to(dtype=dtype)
     pipe.register_modules(vae=vae)
-    _refresh_scale_factor(pipe, 2 ** (len(vae.config.block_out_channels) - 1))
+    _refresh_scale_factor(pipe, downsample_factor_of(vae))
 
     if reinstall_offload is not None:
         reinstall_offload(device=pipe._offload_device)
@@ -134,7 +134,7 @@ def _check_compatible(pipe, vae):
             "UNet trained on this VAE's latents."
         )
 
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsample_factor_of(vae)
     if PIPELINE_SIZE_MULTIPLE % factor:
         example = factor + PIPELINE_SIZE_MULTIPLE
         raise ValueError(

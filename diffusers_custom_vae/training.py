@@ -294,7 +294,8 @@ def train(config: TrainConfig) -> dict:
                 accelerator.skip_first_batches(loader, done) if done else loader, start=done + 1
             ):
                 with accelerator.accumulate(vae, *([discriminator] if discriminator else [])):
-                    output = vae(images)  # the wrapped forward: data-parallel gradients stay in sync
+                    # the wrapped forward: data-parallel gradients stay in sync
+                    output = vae(images, sample_posterior=True, return_posterior=True)
                     loss, terms = loss_fn.generator_loss(output, images, state.step, model.decoder.conv_out.weight)
                     _stop_if_not_finite(accelerator, loss, terms, state.step, output_dir)
                     accelerator.backward(loss)
@@ -372,7 +373,7 @@ class WithPosterior(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: torch.Tensor, sample_posterior: bool = True) -> CustomVAEOutput:
+    def forward(self, images: torch.Tensor, sample_posterior: bool = False, return_posterior: bool = False):
         posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample() if sample_posterior else posterior.mode()
         return CustomVAEOutput(sample=self.vae.decode(latents).sample, latent_dist=posterior)

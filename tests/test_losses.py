@@ -50,7 +50,7 @@ def generator_step(vae, loss_fn, images, step=0):
     """Runs one generator loss through the VAE's forward (fixed posterior sample) and backward.
     Returns the loss, the logged terms and every VAE parameter's gradient (zeros where none)."""
     vae.zero_grad()
-    output = vae(images, generator=torch.Generator().manual_seed(0))
+    output = vae(images, sample_posterior=True, generator=torch.Generator().manual_seed(0), return_posterior=True)
     loss, terms = loss_fn.generator_loss(output, images, step, last_layer=vae.decoder.conv_out.weight)
     loss.backward()
     grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in vae.named_parameters()}
@@ -140,7 +140,7 @@ def test_adaptive_weight_matches_a_direct_computation(tiny_vae, images):
     discriminator = tiny_discriminator()
     loss_fn = VAELoss(kl_weight=0, disc_weight=0.5, discriminator=discriminator)
     last_layer = tiny_vae.decoder.conv_out.weight
-    output = tiny_vae(images, generator=torch.Generator().manual_seed(0))
+    output = tiny_vae(images, sample_posterior=True, generator=torch.Generator().manual_seed(0), return_posterior=True)
     loss, terms = loss_fn.generator_loss(output, images, 0, last_layer)
 
     rec = F.l1_loss(output.sample, images)
@@ -151,7 +151,12 @@ def test_adaptive_weight_matches_a_direct_computation(tiny_vae, images):
     torch.testing.assert_close(terms["adaptive_weight"], expected)
     torch.testing.assert_close(loss, rec + expected * g_adv)
     with torch.no_grad():  # validation: no gradients to compare, so no adversarial term (as taming does)
-        assert loss_fn.generator_loss(tiny_vae(images), images, 0, last_layer)[1]["adaptive_weight"] == 0
+        assert (
+            loss_fn.generator_loss(tiny_vae(images, return_posterior=True), images, 0, last_layer)[1][
+                "adaptive_weight"
+            ]
+            == 0
+        )
 
 
 def test_adaptive_weight_is_clamped():
@@ -232,9 +237,9 @@ def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
         PatchDiscriminator(base_channels=8)(images)
     loss_fn = VAELoss(disc_weight=0.5, disc_start=100, discriminator=tiny_discriminator())
     with pytest.raises(ValueError, match="needs last_layer"):  # at step 0, not only once disc_start is reached
-        loss_fn.generator_loss(tiny_vae(images), images, step=0)
+        loss_fn.generator_loss(tiny_vae(images, return_posterior=True), images, step=0)
     with pytest.raises(ValueError, match="differ in shape"):
-        VAELoss().generator_loss(tiny_vae(images), images[:, :, :8], step=0)
+        VAELoss().generator_loss(tiny_vae(images, return_posterior=True), images[:, :, :8], step=0)
     with pytest.raises(ValueError, match="needs a discriminator"):
         VAELoss().discriminator_loss(images, images)
 
@@ -276,7 +281,9 @@ def _check_data_parallel_gradients(rank: int, world_size: int, vae_config: dict)
     def train_step(model, discriminator):
         model.zero_grad(), discriminator.zero_grad()
         loss_fn = VAELoss(kl_weight=1e-3, ms_ssim_weight=0.5, disc_weight=0.5, discriminator=discriminator)
-        output = model(images, generator=torch.Generator().manual_seed(rank))
+        output = model(
+            images, sample_posterior=True, generator=torch.Generator().manual_seed(rank), return_posterior=True
+        )
         last_layer = extract_model_from_parallel(model).decoder.conv_out.weight
         loss_fn.generator_loss(output, images, 0, last_layer)[0].backward()
         loss_fn.discriminator_loss(images, output.sample)[0].backward()

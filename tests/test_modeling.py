@@ -103,14 +103,30 @@ def test_decode_returns_decoder_output_and_accepts_generator(tiny_vae):
     assert torch.equal(as_tuple[0], output.sample)  # decoding is deterministic, generator or not
 
 
-def test_forward_returns_reconstruction_and_posterior(tiny_vae):
+def test_forward_decodes_the_mode_and_returns_what_autoencoder_kl_returns(tiny_vae):
+    """As `AutoencoderKL.forward`: deterministic by default, a `DecoderOutput`, or a tuple holding only the image."""
     x = random_images(2, 3, 8, 12)
     with torch.no_grad():
-        output = tiny_vae(x, generator=torch.Generator().manual_seed(0))
-        reconstruction, posterior = tiny_vae(x, return_dict=False, generator=torch.Generator().manual_seed(0))
+        output, again = tiny_vae(x), tiny_vae(x)
+        (as_tuple,) = tiny_vae(x, return_dict=False)
+        expected = tiny_vae.decode(tiny_vae.encode(x).latent_dist.mode()).sample
+    assert isinstance(output, DecoderOutput) and not isinstance(output, CustomVAEOutput)
+    assert torch.equal(output.sample, expected) and torch.equal(again.sample, expected)
+    assert torch.equal(as_tuple, expected)
+    assert all(isinstance(value, torch.Tensor) for value in output.to_tuple())
+
+
+def test_forward_with_return_posterior_gives_the_training_step_both(tiny_vae):
+    x = random_images(2, 3, 8, 12)
+    seeded = lambda: torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        output = tiny_vae(x, sample_posterior=True, generator=seeded(), return_posterior=True)
+        reconstruction, posterior = tiny_vae(
+            x, sample_posterior=True, return_dict=False, generator=seeded(), return_posterior=True
+        )
         expected_posterior = tiny_vae.encode(x).latent_dist
-        expected = tiny_vae.decode(expected_posterior.sample(generator=torch.Generator().manual_seed(0))).sample
-    assert isinstance(output, CustomVAEOutput)
+        expected = tiny_vae.decode(expected_posterior.sample(generator=seeded())).sample
+    assert isinstance(output, CustomVAEOutput) and isinstance(output, DecoderOutput)
     assert isinstance(output.latent_dist, DiagonalGaussianDistribution)
     assert torch.equal(output.sample, expected)
     assert torch.equal(reconstruction, expected)
@@ -123,20 +139,18 @@ def test_forward_output_survives_accelerates_mixed_precision_wrapper(tiny_vae):
     from accelerate.utils import convert_to_fp32
 
     with torch.no_grad():
-        output = tiny_vae(random_images(1, 3, 8, 8).bfloat16().float())
+        output = tiny_vae(random_images(1, 3, 8, 8).bfloat16().float(), return_posterior=True)
     converted = convert_to_fp32(CustomVAEOutput(sample=output.sample.bfloat16(), latent_dist=output.latent_dist))
     assert isinstance(converted, CustomVAEOutput) and converted.sample.dtype == torch.float32
     assert converted.latent_dist is output.latent_dist
 
 
-def test_forward_without_sampling_decodes_the_mode(tiny_vae):
+def test_sampling_the_posterior_changes_the_reconstruction(tiny_vae):
     x = random_images(2, 3, 8, 12)
     with torch.no_grad():
-        reconstruction = tiny_vae(x, sample_posterior=False).sample
-        expected = tiny_vae.decode(tiny_vae.encode(x).latent_dist.mode()).sample
-        sampled = tiny_vae(x, generator=torch.Generator().manual_seed(0)).sample
-    assert torch.equal(reconstruction, expected)
-    assert not torch.allclose(sampled, expected)  # sampling does change the latents
+        mode = tiny_vae(x).sample
+        sampled = tiny_vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(0)).sample
+    assert not torch.allclose(sampled, mode)
 
 
 def test_float32_vae_serves_bfloat16_inputs_in_float32(tiny_vae):
@@ -186,7 +200,10 @@ def test_generator_makes_sampling_deterministic(tiny_vae):
     with torch.no_grad():
         posterior = tiny_vae.encode(x).latent_dist
         samples = [posterior.sample(generator=torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
-        outputs = [tiny_vae(x, generator=torch.Generator().manual_seed(seed)).sample for seed in (0, 0, 1)]
+        outputs = [
+            tiny_vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(seed)).sample
+            for seed in (0, 0, 1)
+        ]
     for same_a, same_b, different in (samples, outputs):
         assert torch.equal(same_a, same_b)
         assert not torch.allclose(same_a, different)
@@ -196,7 +213,7 @@ def test_generator_makes_sampling_deterministic(tiny_vae):
 
 
 def reconstruction_and_kl_loss(vae: CustomVAE, x: torch.Tensor) -> tuple[torch.Tensor, CustomVAEOutput]:
-    output = vae(x, generator=torch.Generator().manual_seed(0))
+    output = vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(0), return_posterior=True)
     return F.mse_loss(output.sample, x) + output.latent_dist.kl().mean(), output
 
 
