@@ -20,12 +20,14 @@ from pathlib import Path
 
 from _report import machine_description, write_section
 from benchmark_vae import equal_width_autoencoder_kl
+from transformers import HfArgumentParser
 
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop, comparison_grid, load_vae
-from diffusers_custom_vae.training import TrainConfig, parse_args, train
+from diffusers_custom_vae.training import TrainConfig, train
 
 SECTION = "benchmark_training"
+parse_args = lambda argv: HfArgumentParser(TrainConfig).parse_args_into_dataclasses(argv)[0]  # noqa: E731
 QUICK_FLAGS = ["--resolution", "32", "--max_train_steps", "2", "--train_batch_size", "2"]
 
 

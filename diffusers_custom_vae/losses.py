@@ -1,13 +1,14 @@
 """Training losses for a KL autoencoder: the latent-diffusion recipe, each term optional and reported on its own.
 
-    loss = rec + ms_ssim_weight * (1 - MS-SSIM) + lpips_weight * LPIPS       (the "nll": reconstruction terms)
-         + kl_weight * KL / pixels                                           (KL warmed up over kl_warmup_steps)
-         + adaptive_weight * g_adv                                           (from disc_start on)
+    loss = rec + ms_ssim_scale * (1 - MS-SSIM) + perceptual_scale * LPIPS    (the "nll": `ReconstructionLoss`)
+         + kl_scale * KL / pixels                                            (KL warmed up over kl_warmup_steps)
+         + adaptive_weight * g_adv                                           (from disc_start on: `AdversarialLoss`)
 
-The weights mean what they mean in CompVis' `LPIPSWithDiscriminator` and diffusers' `train_autoencoderkl.py`
-(`--kl_scale`, `--perceptual_scale`, `--disc_scale`, `--disc_start`). Those sum the reconstruction over the pixels of
-an image; here it is averaged, so the KL (summed over latent dimensions, as `posterior.kl()` returns it) is divided
-by the number of values in one image (C * H * W) to keep their balance: `kl_weight=1e-6` is their `--kl_scale 1e-6`.
+The weights are named and mean what they mean in diffusers' `train_autoencoderkl.py` and CompVis'
+`LPIPSWithDiscriminator` (`--kl_scale`, `--perceptual_scale`, `--disc_scale`, `--disc_start`), and the trainer's flags
+carry the same names. Those sum the reconstruction over the pixels of an image; here it is averaged, so the KL (summed
+over latent dimensions, as `posterior.kl()` returns it) is divided by the number of values in one image (C * H * W) to
+keep their balance: `kl_scale=1e-6` is their `--kl_scale 1e-6`.
 """
 
 import math
@@ -98,94 +99,189 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-class VAELoss(nn.Module):
+class ReconstructionLoss(nn.Module):
     r"""
-    The loss of a KL autoencoder: reconstruction (L1 or L2, optionally with MS-SSIM and LPIPS), KL, and an optional
-    hinge PatchGAN term from `disc_start` on, weighted adaptively as in the latent-diffusion recipe.
-
-    A training step calls [`~VAELoss.generator_loss`] on the output of the (wrapped) VAE's `forward` and, while
-    [`~VAELoss.adversarial_active`], [`~VAELoss.discriminator_loss`] for the discriminator's own optimiser.
+    How far a reconstruction is from its target: `rec_loss` (L1 or L2, averaged over pixels), plus optional
+    `1 - MS-SSIM` and LPIPS terms. Their sum is the "nll" of the latent-diffusion recipe.
 
     Args:
-        reconstruction (`str`, *optional*, defaults to `"l1"`): `"l1"` or `"l2"`, averaged over pixels.
-        kl_weight (`float`, *optional*, defaults to 1e-6): Weight of the KL term (diffusers' `--kl_scale`).
-        kl_warmup_steps (`int`, *optional*, defaults to 0):
-            The KL weight rises linearly from 0 at step 0 to `kl_weight` at this step (0: no warm-up).
-        ms_ssim_weight (`float`, *optional*, defaults to 0.0): Weight of `1 - MS-SSIM` (0: off).
-        lpips_weight (`float`, *optional*, defaults to 0.0):
-            Weight of LPIPS (diffusers' `--perceptual_scale`; the recipe uses 1.0). Needs the `lpips` package and its
-            backbone's ImageNet weights (0: off).
+        rec_loss (`str`, *optional*, defaults to `"l1"`): `"l1"` or `"l2"`.
+        ms_ssim_scale (`float`, *optional*, defaults to 0.0): Weight of `1 - MS-SSIM` (0: off).
+        perceptual_scale (`float`, *optional*, defaults to 0.0):
+            Weight of LPIPS (the recipe uses 1.0). Needs the `lpips` package and its backbone's ImageNet weights.
         lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone: `"vgg"`, `"alex"` or `"squeeze"`.
-        disc_weight (`float`, *optional*, defaults to 0.0):
-            Factor on the adaptive weight of the adversarial term (diffusers' `--disc_scale`; the recipe uses 0.5).
-            Needs `discriminator` (0: no adversarial term).
+    """
+
+    def __init__(
+        self, rec_loss: str = "l1", ms_ssim_scale: float = 0.0, perceptual_scale: float = 0.0, lpips_net: str = "vgg"
+    ):
+        super().__init__()
+        if rec_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"rec_loss must be one of {sorted(RECONSTRUCTION_LOSSES)}, got {rec_loss!r}.")
+        _check_non_negative(ms_ssim_scale=ms_ssim_scale, perceptual_scale=perceptual_scale)
+        self.distance = RECONSTRUCTION_LOSSES[rec_loss]
+        self.ms_ssim_scale, self.perceptual_scale = ms_ssim_scale, perceptual_scale
+        self.lpips = _load_lpips(lpips_net) if perceptual_scale > 0 else None
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(nll, {"rec", "ms_ssim" and "lpips" when on}) of two (B, C, H, W) batches in [-1, 1], in float32."""
+        reconstruction, target = reconstruction.float(), target.float()
+        if reconstruction.shape != target.shape:
+            raise ValueError(
+                f"The reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ in shape."
+            )
+        terms = {"rec": self.distance(reconstruction, target)}
+        nll = terms["rec"]
+        if self.ms_ssim_scale > 0:
+            terms["ms_ssim"] = 1 - ms_ssim(reconstruction, target)
+            nll = nll + self.ms_ssim_scale * terms["ms_ssim"]
+        if self.lpips is not None:
+            terms["lpips"] = self.lpips(reconstruction, target).mean()  # LPIPS takes [-1, 1], gives (B, 1, 1, 1)
+            nll = nll + self.perceptual_scale * terms["lpips"]
+        return nll, terms
+
+
+class AdversarialLoss(nn.Module):
+    r"""
+    A hinge PatchGAN from `disc_start` on, its generator term weighted adaptively as in the latent-diffusion recipe.
+
+    A step adds [`~AdversarialLoss.generator_loss`] to its own loss and, while [`~AdversarialLoss.active`],
+    [`~AdversarialLoss.discriminator_loss`]; the two touch disjoint parameters, so one backward serves both.
+
+    Args:
+        discriminator (`PatchDiscriminator`):
+            The discriminator, as returned by `accelerator.prepare` (a data-parallel wrapper is fine).
+        disc_scale (`float`, *optional*, defaults to 0.5): Factor on the adaptive weight (diffusers' `--disc_scale`).
+        disc_start (`int`, *optional*, defaults to 0): First step with the adversarial term and discriminator updates.
+    """
+
+    def __init__(self, discriminator: nn.Module, disc_scale: float = 0.5, disc_start: int = 0):
+        super().__init__()
+        _check_non_negative(disc_scale=disc_scale, disc_start=disc_start)
+        self.discriminator, self.disc_scale, self.disc_start = discriminator, disc_scale, disc_start
+
+    def active(self, step: int) -> bool:
+        """Whether `step` has the adversarial term and a discriminator update."""
+        return step >= self.disc_start
+
+    def generator_loss(
+        self, nll: torch.Tensor, reconstruction: torch.Tensor, last_layer: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict]:
+        """(adaptive_weight * g_adv, {"g_adv", "adaptive_weight"}), both 0 before `disc_start`."""
+        if not self.active(step):
+            zero = torch.zeros((), device=reconstruction.device)
+            return zero, {"g_adv": zero, "adaptive_weight": zero}
+        g_adv = -self._frozen_discriminator(reconstruction).float().mean()
+        weight = self.adaptive_weight(nll, g_adv, last_layer)
+        return weight * g_adv, {"g_adv": g_adv, "adaptive_weight": weight}
+
+    def _frozen_discriminator(self, images: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logits with its parameters detached: gradient reaches `images` only.
+
+        The generator's loss must leave the discriminator's gradients alone (they belong to its own loss), so it runs
+        the module inside any data-parallel wrapper: the wrapper would expect those gradients in this backward."""
+        module = extract_model_from_parallel(self.discriminator)
+        detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
+        return functional_call(module, detached, (images,))
+
+    def adaptive_weight(self, nll: torch.Tensor, g_adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        """disc_scale * ||d nll / d last_layer|| / (||d g_adv / d last_layer|| + 1e-4), clamped to [0, 1e4] first:
+        the adversarial gradient at the decoder's output layer is scaled to the reconstruction gradient's size.
+
+        `torch.autograd.grad` computes gradients for `last_layer` only and accumulates nothing into `.grad`, so
+        data-parallel gradient hooks do not fire; the graph is kept for the step's own backward. Where gradients are
+        off (e.g. under `torch.no_grad()`, as taming does in validation) the weight is 0."""
+        if not torch.is_grad_enabled():
+            return torch.zeros((), device=nll.device)
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_adv_grad = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
+        weight = nll_grad.norm() / (g_adv_grad.norm() + 1e-4)
+        return self.disc_scale * weight.clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
+
+    def discriminator_loss(self, target: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        r"""
+        The discriminator's hinge loss on one batch; call it only while [`~AdversarialLoss.active`].
+
+        Args:
+            target (`torch.Tensor` of shape `(batch_size, channels, height, width)`): Real images, in [-1, 1].
+            reconstruction (`torch.Tensor` of the same shape):
+                Reconstructions of them; detached here, so only the discriminator gets gradient.
+
+        Returns:
+            `tuple(torch.Tensor, dict)`: the loss, and `d_loss`, `logits_real`, `logits_fake` (mean logits).
+        """
+        logits_real = self.discriminator(target).float()
+        logits_fake = self.discriminator(reconstruction.detach()).float()
+        loss = hinge_discriminator_loss(logits_real, logits_fake)
+        return loss, {"d_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+
+
+class VAELoss(nn.Module):
+    r"""
+    The loss of a KL autoencoder: [`ReconstructionLoss`], KL (warmed up over `kl_warmup_steps`), and with a
+    discriminator an [`AdversarialLoss`]. Argument names are the trainer's flags, which are diffusers' trainer's.
+
+    A training step calls [`~VAELoss.generator_loss`] on the output of the (wrapped) VAE's `forward` and, while
+    [`~VAELoss.adversarial_active`], [`~VAELoss.discriminator_loss`].
+
+    Args:
+        rec_loss (`str`, *optional*, defaults to `"l1"`): `"l1"` or `"l2"`, averaged over pixels.
+        kl_scale (`float`, *optional*, defaults to 1e-6): Weight of the KL term (see the module docstring).
+        kl_warmup_steps (`int`, *optional*, defaults to 0):
+            The KL weight rises linearly from 0 at step 0 to `kl_scale` at this step (0: no warm-up).
+        ms_ssim_scale (`float`, *optional*, defaults to 0.0): Weight of `1 - MS-SSIM` (0: off).
+        perceptual_scale (`float`, *optional*, defaults to 0.0): Weight of LPIPS (0: off).
+        disc_scale (`float`, *optional*, defaults to 0.0):
+            Factor on the adaptive weight of the adversarial term (the recipe uses 0.5). Needs `discriminator`.
         disc_start (`int`, *optional*, defaults to 0): First step with the adversarial term and discriminator updates.
         discriminator (`PatchDiscriminator`, *optional*):
             The discriminator, as returned by `accelerator.prepare` (a data-parallel wrapper is fine).
+        lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone: `"vgg"`, `"alex"` or `"squeeze"`.
     """
 
     def __init__(
         self,
-        reconstruction: str = "l1",
-        kl_weight: float = 1e-6,
+        rec_loss: str = "l1",
+        kl_scale: float = 1e-6,
         kl_warmup_steps: int = 0,
-        ms_ssim_weight: float = 0.0,
-        lpips_weight: float = 0.0,
-        lpips_net: str = "vgg",
-        disc_weight: float = 0.0,
+        ms_ssim_scale: float = 0.0,
+        perceptual_scale: float = 0.0,
+        disc_scale: float = 0.0,
         disc_start: int = 0,
         discriminator: nn.Module | None = None,
+        lpips_net: str = "vgg",
     ):
         super().__init__()
-        if reconstruction not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"reconstruction must be one of {sorted(RECONSTRUCTION_LOSSES)}, got {reconstruction!r}.")
-        weights = dict(
-            kl_weight=kl_weight,
-            ms_ssim_weight=ms_ssim_weight,
-            lpips_weight=lpips_weight,
-            disc_weight=disc_weight,
-            kl_warmup_steps=kl_warmup_steps,
-            disc_start=disc_start,
-        )
-        for name, value in weights.items():
-            if not value >= 0:  # also refuses NaN
-                raise ValueError(f"{name} must be >= 0, got {value}.")
-        if (disc_weight > 0) != (discriminator is not None):
+        _check_non_negative(kl_scale=kl_scale, kl_warmup_steps=kl_warmup_steps, disc_scale=disc_scale)
+        if (disc_scale > 0) != (discriminator is not None):
             raise ValueError(
-                f"An adversarial term needs both disc_weight > 0 and a discriminator, got disc_weight={disc_weight} "
-                f"and discriminator={type(discriminator).__name__}: pass e.g. disc_weight=0.5 and "
+                f"An adversarial term needs both disc_scale > 0 and a discriminator, got disc_scale={disc_scale} "
+                f"and discriminator={type(discriminator).__name__}: pass e.g. disc_scale=0.5 and "
                 "discriminator=PatchDiscriminator(), or neither."
             )
-        self.reconstruction_loss = RECONSTRUCTION_LOSSES[reconstruction]
-        self.kl_weight, self.kl_warmup_steps = kl_weight, kl_warmup_steps
-        self.ms_ssim_weight, self.lpips_weight = ms_ssim_weight, lpips_weight
-        self.disc_weight, self.disc_start = disc_weight, disc_start
-        self.discriminator = discriminator
-        self.lpips = _load_lpips(lpips_net) if lpips_weight > 0 else None
+        self.reconstruction = ReconstructionLoss(rec_loss, ms_ssim_scale, perceptual_scale, lpips_net)
+        self.kl_scale, self.kl_warmup_steps = kl_scale, kl_warmup_steps
+        self.adversarial = AdversarialLoss(discriminator, disc_scale, disc_start) if discriminator else None
 
-    def kl_weight_at(self, step: int) -> float:
-        """The KL weight at `step`: linear warm-up from 0 to `kl_weight` over `kl_warmup_steps`."""
+    def kl_scale_at(self, step: int) -> float:
+        """The KL weight at `step`: linear warm-up from 0 to `kl_scale` over `kl_warmup_steps`."""
         if self.kl_warmup_steps == 0:
-            return self.kl_weight
-        return self.kl_weight * min(1.0, step / self.kl_warmup_steps)
+            return self.kl_scale
+        return self.kl_scale * min(1.0, step / self.kl_warmup_steps)
 
     def adversarial_active(self, step: int) -> bool:
         """Whether `step` has the adversarial term and a discriminator update."""
-        return self.discriminator is not None and step >= self.disc_start
+        return self.adversarial is not None and self.adversarial.active(step)
 
     def generator_loss(
-        self,
-        output: CustomVAEOutput,
-        target: torch.Tensor,
-        step: int,
-        last_layer: torch.Tensor | None = None,
+        self, output: CustomVAEOutput, target: torch.Tensor, step: int, last_layer: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r"""
         The VAE's loss for one batch.
 
         Args:
             output ([`CustomVAEOutput`]):
-                What the (wrapped) VAE's `forward` returned, or any object with its `sample` and `latent_dist`.
+                What the (wrapped) VAE's `forward(..., return_posterior=True)` returned: `sample` and `latent_dist`.
             target (`torch.Tensor` of shape `(batch_size, channels, height, width)`): The input images, in [-1, 1].
             step (`int`): The global optimisation step (KL warm-up, `disc_start`).
             last_layer (`torch.Tensor`, *optional*):
@@ -195,82 +291,35 @@ class VAELoss(nn.Module):
         Returns:
             `tuple(torch.Tensor, dict[str, torch.Tensor])`: the loss to backpropagate, and each term detached for
             logging: `rec`, `kl` (nats per image), `ms_ssim` and `lpips` when on, and with a discriminator `g_adv`
-            and `adaptive_weight` (both 0 before `disc_start`; `adaptive_weight` is also 0 where gradients are
-            off, e.g. under `torch.no_grad()`, as taming does in validation).
+            and `adaptive_weight` (both 0 before `disc_start`, and `adaptive_weight` where gradients are off).
         """
-        reconstruction, target = output.sample.float(), target.float()
-        if reconstruction.shape != target.shape:
-            raise ValueError(
-                f"The reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ in shape."
-            )
-        if self.discriminator is not None and last_layer is None:
+        if self.adversarial is not None and last_layer is None:
             raise ValueError(
                 "With a discriminator, generator_loss needs last_layer, e.g. "
                 "last_layer=accelerator.unwrap_model(vae).decoder.conv_out.weight."
             )
-        terms = {"rec": self.reconstruction_loss(reconstruction, target)}
-        nll = terms["rec"]
-        if self.ms_ssim_weight > 0:
-            terms["ms_ssim"] = 1 - ms_ssim(reconstruction, target)
-            nll = nll + self.ms_ssim_weight * terms["ms_ssim"]
-        if self.lpips is not None:
-            terms["lpips"] = self.lpips(reconstruction, target).mean()  # LPIPS takes [-1, 1], gives (B, 1, 1, 1)
-            nll = nll + self.lpips_weight * terms["lpips"]
+        nll, terms = self.reconstruction(output.sample, target)
         terms["kl"] = output.latent_dist.kl().mean()  # summed over latent dims, averaged over the batch
-        loss = nll + self.kl_weight_at(step) * terms["kl"] / target[0].numel()
-
-        if self.discriminator is not None:
-            terms["g_adv"] = terms["adaptive_weight"] = torch.zeros((), device=target.device)
-            if self.adversarial_active(step):
-                terms["g_adv"] = -self._frozen_discriminator(reconstruction).float().mean()
-                terms["adaptive_weight"] = self.adaptive_weight(nll, terms["g_adv"], last_layer)
-                loss = loss + terms["adaptive_weight"] * terms["g_adv"]
+        loss = nll + self.kl_scale_at(step) * terms["kl"] / target[0].numel()
+        if self.adversarial is not None:
+            adversarial, adversarial_terms = self.adversarial.generator_loss(nll, output.sample, last_layer, step)
+            loss, terms = loss + adversarial, terms | adversarial_terms
         return loss, {name: value.detach() for name, value in terms.items()}
-
-    def _frozen_discriminator(self, images: torch.Tensor) -> torch.Tensor:
-        """The discriminator's logits with its parameters detached: gradient reaches `images` only.
-
-        The generator's step must leave the discriminator's gradients alone (they belong to its own step), so it runs
-        the module inside any data-parallel wrapper: the wrapper would expect those gradients in this backward."""
-        module = extract_model_from_parallel(self.discriminator)
-        detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
-        return functional_call(module, detached, (images,))
-
-    def adaptive_weight(self, nll: torch.Tensor, g_adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-        """disc_weight * ||d nll / d last_layer|| / (||d g_adv / d last_layer|| + 1e-4), clamped to [0, 1e4] first:
-        the adversarial gradient at the decoder's output layer is scaled to the reconstruction gradient's size.
-
-        `torch.autograd.grad` computes gradients for `last_layer` only and accumulates nothing into `.grad`, so
-        data-parallel gradient hooks do not fire; the graph is kept for the step's own backward."""
-        if not torch.is_grad_enabled():
-            return torch.zeros((), device=nll.device)
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_adv_grad = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
-        weight = nll_grad.norm() / (g_adv_grad.norm() + 1e-4)
-        return self.disc_weight * weight.clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
 
     def discriminator_loss(
         self, target: torch.Tensor, reconstruction: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r"""
-        The discriminator's hinge loss on one batch; call it only while [`~VAELoss.adversarial_active`].
-
-        Args:
-            target (`torch.Tensor` of shape `(batch_size, channels, height, width)`): Real images, in [-1, 1].
-            reconstruction (`torch.Tensor` of the same shape):
-                The VAE's reconstructions of them; detached here, so only the discriminator gets gradient.
-
-        Returns:
-            `tuple(torch.Tensor, dict[str, torch.Tensor])`: the loss, and `d_loss`, `logits_real`, `logits_fake`
-            (mean logits) detached for logging.
-        """
-        if self.discriminator is None:
-            raise ValueError("discriminator_loss needs a discriminator: pass disc_weight > 0 and discriminator=.")
-        logits_real = self.discriminator(target).float()
-        logits_fake = self.discriminator(reconstruction.detach()).float()
-        loss = hinge_discriminator_loss(logits_real, logits_fake)
-        terms = {"d_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        """The discriminator's hinge loss ([`AdversarialLoss.discriminator_loss`]), terms detached."""
+        if self.adversarial is None:
+            raise ValueError("discriminator_loss needs a discriminator: pass disc_scale > 0 and discriminator=.")
+        loss, terms = self.adversarial.discriminator_loss(target, reconstruction)
         return loss, {name: value.detach() for name, value in terms.items()}
+
+
+def _check_non_negative(**values):
+    for name, value in values.items():
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
 def _load_lpips(net: str) -> nn.Module:

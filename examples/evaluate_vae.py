@@ -10,8 +10,10 @@ diffusers AutoencoderKL folders or Hub ids both work.
 
 import argparse
 
+from diffusers_custom_vae.cli import one_line_errors
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae, load_vae
+from diffusers_custom_vae.modeling_custom_vae import downsample_factor_of
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
@@ -23,16 +25,22 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     parser.add_argument("--resolution", type=int, default=256, help="largest side of the (square) grid images")
     parser.add_argument("--output", default="comparison.png", help="the grid: originals above each VAE's row")
     args = parser.parse_args(argv)
+    with one_line_errors(parser):
+        return compare(args)
 
+
+def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    vaes = [load_vae(name).eval() for name in args.vae]
+    factor = max(downsample_factor_of(vae) for vae in vaes)  # every VAE takes the test images as they are
     data = load_data(
         train_data_dir=args.train_data_dir,
         dataset_name=args.dataset_name,
         image_column=args.image_column,
-        resolution=args.resolution,
+        resolution=args.resolution // factor * factor or factor,  # the validation crops, unused here
+        downsample_factor=factor,
     )
-    vaes = [load_vae(name).eval() for name in args.vae]
     results = {name: evaluate_vae(vae, data.test, desc=name) for name, vae in zip(args.vae, vaes)}
-    comparison_grid(vaes, common_crop(data.test, max_side=args.resolution)).save(args.output)
+    comparison_grid(vaes, common_crop(data.test, max_side=args.resolution, multiple=factor)).save(args.output)
 
     print(f"\nHeld-out: {data.test_description}.\n\n| VAE | PSNR (dB) | SSIM | MS-SSIM |\n|---|---|---|---|")
     for name, metrics in results.items():

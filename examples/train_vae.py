@@ -6,14 +6,33 @@
     accelerate launch examples/train_vae.py --dataset_name some/dataset --image_column image ...
     accelerate launch examples/train_vae.py ... --resume_from_checkpoint latest
 
-`python examples/train_vae.py --help` lists every flag. The training itself is diffusers_custom_vae.training.train.
+The flags are the fields of `diffusers_custom_vae.training.TrainConfig`; `train(config)` is the whole job.
 """
 
-from diffusers_custom_vae.training import parse_args, train
+import argparse
+
+from transformers import HfArgumentParser
+
+from diffusers_custom_vae.cli import one_line_errors
+from diffusers_custom_vae.training import TrainConfig, train
 
 
-def main(argv=None):
-    return train(parse_args(argv))
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, and the examples above as written."""
+
+
+PARSER = HfArgumentParser(TrainConfig, description=__doc__, formatter_class=HelpFormatter, prog="train_vae.py")
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The flags as a `TrainConfig`; `ValueError` for values it refuses (argparse exits on unknown flags)."""
+    (config,) = PARSER.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    with one_line_errors(PARSER):
+        return train(parse_config(argv))
 
 
 if __name__ == "__main__":

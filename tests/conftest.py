@@ -31,14 +31,20 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 @pytest.fixture
-def run_example():
-    """run_example("train_vae", ["--flag", ...]) calls examples/train_vae.py's main(argv) in this process."""
+def load_example():
+    """load_example("train_vae") imports examples/train_vae.py as a module."""
     import importlib.util
 
-    def run(name: str, argv: list[str]):
+    def load(name: str):
         spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.main(argv)
+        return module
 
-    return run
+    return load
+
+
+@pytest.fixture
+def run_example(load_example):
+    """run_example("train_vae", ["--flag", ...]) calls examples/train_vae.py's main(argv) in this process."""
+    return lambda name, argv: load_example(name).main(argv)

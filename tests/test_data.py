@@ -13,6 +13,7 @@ from diffusers_custom_vae.data import (
     EMBEDDED_TRAIN_PHOTOS,
     MAX_HELD_OUT_IMAGES,
     ImageDataset,
+    ImageOptions,
     ResizeCrop,
     StreamingImageDataset,
     WholeImage,
@@ -238,9 +239,8 @@ def paint(photo_shape: tuple[int, int], validation_red: bool) -> np.ndarray:
 def test_photo_splits_keep_validation_and_test_pixels_out_of_training():
     train_photos = [paint(shape, True) for shape in [(60, 100), (90, 50), (40, 40), (20, 36), (12, 20)]]
     test_photos = [np.full((30, 45, 3), (0, 0, 255), np.uint8), np.full((17, 64, 3), (0, 0, 255), np.uint8)]
-    train, validation, test = photo_splits(
-        train_photos, test_photos, (16, 24), random_flip=True, seed=1, num_validation_images=6
-    )
+    options = ImageOptions((16, 24), random_flip=True, seed=1, num_validation_images=6)
+    train, validation, test = photo_splits(train_photos, test_photos, options)
 
     for epoch in (0, 1):
         train.set_epoch(epoch)
@@ -291,10 +291,29 @@ def test_augmentation_comes_from_seed_epoch_and_index_only(image_folder):
     assert torch.equal(loaded, expected)  # workers see the epoch and draw the same crops
 
 
-@pytest.mark.parametrize("resolution", [250, (256, 250), 0, -8, (), (12,), (8, 8, 8), "256", 25.6, True])
+@pytest.mark.parametrize("resolution", [250, (256, 250), (12,)])
 def test_resolution_must_be_multiples_of_8(resolution):
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="multiples of 8, the model's downsampling factor"):
         load_data(resolution=resolution)
+
+
+@pytest.mark.parametrize("resolution", [0, -8, (), (8, 8, 8), "256", 25.6, True])
+def test_resolution_must_be_one_or_two_positive_integers(resolution):
+    with pytest.raises(ValueError, match="one or two positive integers"):
+        load_data(resolution=resolution)
+
+
+def test_the_models_downsampling_factor_sets_the_multiples(image_folder):
+    """A 16x model needs training sizes and test images in multiples of 16; a 2x model takes any even size."""
+    with pytest.raises(ValueError, match="multiples of 16, the model's downsampling factor, got 24; e.g. 16 16"):
+        load_data(train_data_dir=image_folder, resolution=24, downsample_factor=16)
+    splits = load_data(train_data_dir=image_folder, resolution=32, downsample_factor=16)
+    assert all(size % 16 == 0 for i in range(len(splits.test)) for size in splits.test[i].shape[1:])
+    assert load_data(train_data_dir=image_folder, resolution=(18, 22), downsample_factor=2).train[0].shape == (
+        3,
+        18,
+        22,
+    )
 
 
 @pytest.mark.parametrize("resolution, size", [(16, (16, 16)), ([16], (16, 16)), ((16, 24), (16, 24))])

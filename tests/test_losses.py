@@ -60,19 +60,19 @@ def generator_step(vae, loss_fn, images, step=0):
 # Each term: options that turn it on, and the baseline without it (None: no loss at all; "step 0": the same loss
 # before disc_start). The gradient a term alone gives is the difference of the two, taken at step 1.
 TERMS = {
-    "rec_l1": (dict(reconstruction="l1", kl_weight=0), None),
-    "rec_l2": (dict(reconstruction="l2", kl_weight=0), None),
-    "ms_ssim": (dict(kl_weight=0, ms_ssim_weight=1.0), dict(kl_weight=0)),
-    "lpips": (dict(kl_weight=0, lpips_weight=1.0), dict(kl_weight=0)),
-    "kl": (dict(kl_weight=1.0), dict(kl_weight=0)),
-    "g_adv": (dict(kl_weight=0, disc_weight=0.5, disc_start=1), "step 0"),
+    "rec_l1": (dict(rec_loss="l1", kl_scale=0), None),
+    "rec_l2": (dict(rec_loss="l2", kl_scale=0), None),
+    "ms_ssim": (dict(kl_scale=0, ms_ssim_scale=1.0), dict(kl_scale=0)),
+    "lpips": (dict(kl_scale=0, perceptual_scale=1.0), dict(kl_scale=0)),
+    "kl": (dict(kl_scale=1.0), dict(kl_scale=0)),
+    "g_adv": (dict(kl_scale=0, disc_scale=0.5, disc_start=1), "step 0"),
 }
 
 
 @pytest.mark.parametrize("term", TERMS)
 def test_each_term_alone_gives_gradient_to_the_vae(term, tiny_vae, images, fake_lpips):
     with_term, without_term = TERMS[term]
-    discriminator = tiny_discriminator() if "disc_weight" in with_term else None
+    discriminator = tiny_discriminator() if "disc_scale" in with_term else None
     loss_fn = VAELoss(**with_term, discriminator=discriminator)
     _, _, grads = generator_step(tiny_vae, loss_fn, images, step=1)
     if without_term is None:
@@ -94,7 +94,7 @@ def test_each_term_alone_gives_gradient_to_the_vae(term, tiny_vae, images, fake_
 
 def test_terms_are_reported_detached_with_the_loss_they_sum_to(tiny_vae, images, fake_lpips):
     loss_fn = VAELoss(
-        kl_weight=1e-3, ms_ssim_weight=0.3, lpips_weight=0.2, disc_weight=0.5, discriminator=tiny_discriminator()
+        kl_scale=1e-3, ms_ssim_scale=0.3, perceptual_scale=0.2, disc_scale=0.5, discriminator=tiny_discriminator()
     )
     loss, terms, _ = generator_step(tiny_vae, loss_fn, images)
     assert set(terms) == {"rec", "ms_ssim", "lpips", "kl", "g_adv", "adaptive_weight"}
@@ -107,16 +107,18 @@ def test_terms_are_reported_detached_with_the_loss_they_sum_to(tiny_vae, images,
         + terms["adaptive_weight"] * terms["g_adv"]
     )
     torch.testing.assert_close(loss.detach(), expected)
-    assert loss_fn.lpips.net == "vgg" and not any(p.requires_grad for p in loss_fn.lpips.parameters())
+    assert loss_fn.reconstruction.lpips.net == "vgg" and not any(
+        p.requires_grad for p in loss_fn.reconstruction.lpips.parameters()
+    )
 
 
 def test_kl_warmup_is_linear_then_constant(tiny_vae, images):
-    loss_fn = VAELoss(kl_weight=2e-3, kl_warmup_steps=10)
-    assert [loss_fn.kl_weight_at(step) for step in (0, 5, 10, 1000)] == pytest.approx([0, 1e-3, 2e-3, 2e-3])
-    assert VAELoss(kl_weight=2e-3).kl_weight_at(0) == 2e-3
+    loss_fn = VAELoss(kl_scale=2e-3, kl_warmup_steps=10)
+    assert [loss_fn.kl_scale_at(step) for step in (0, 5, 10, 1000)] == pytest.approx([0, 1e-3, 2e-3, 2e-3])
+    assert VAELoss(kl_scale=2e-3).kl_scale_at(0) == 2e-3
     for step in (0, 5):
         loss, terms, _ = generator_step(tiny_vae, loss_fn, images, step=step)
-        expected = terms["rec"] + loss_fn.kl_weight_at(step) * terms["kl"] / images[0].numel()
+        expected = terms["rec"] + loss_fn.kl_scale_at(step) * terms["kl"] / images[0].numel()
         torch.testing.assert_close(loss.detach(), expected)
 
 
@@ -124,8 +126,8 @@ def test_adversarial_term_is_off_and_free_before_disc_start(tiny_vae, images):
     discriminator = tiny_discriminator()
     calls = []
     discriminator.register_forward_hook(lambda *args: calls.append(1))
-    loss_fn = VAELoss(kl_weight=0, disc_weight=0.5, disc_start=3, discriminator=discriminator)
-    plain_loss = generator_step(tiny_vae, VAELoss(kl_weight=0), images)[0]
+    loss_fn = VAELoss(kl_scale=0, disc_scale=0.5, disc_start=3, discriminator=discriminator)
+    plain_loss = generator_step(tiny_vae, VAELoss(kl_scale=0), images)[0]
 
     loss, terms, _ = generator_step(tiny_vae, loss_fn, images, step=2)
     assert not loss_fn.adversarial_active(2) and not calls
@@ -138,7 +140,7 @@ def test_adversarial_term_is_off_and_free_before_disc_start(tiny_vae, images):
 
 def test_adaptive_weight_matches_a_direct_computation(tiny_vae, images):
     discriminator = tiny_discriminator()
-    loss_fn = VAELoss(kl_weight=0, disc_weight=0.5, discriminator=discriminator)
+    loss_fn = VAELoss(kl_scale=0, disc_scale=0.5, discriminator=discriminator)
     last_layer = tiny_vae.decoder.conv_out.weight
     output = tiny_vae(images, sample_posterior=True, generator=torch.Generator().manual_seed(0), return_posterior=True)
     loss, terms = loss_fn.generator_loss(output, images, 0, last_layer)
@@ -160,17 +162,17 @@ def test_adaptive_weight_matches_a_direct_computation(tiny_vae, images):
 
 
 def test_adaptive_weight_is_clamped():
-    loss_fn = VAELoss(disc_weight=0.5, discriminator=tiny_discriminator())
+    loss_fn = VAELoss(disc_scale=0.5, discriminator=tiny_discriminator())
     last_layer = nn.Parameter(torch.ones(3))
-    huge = loss_fn.adaptive_weight(1e9 * last_layer.sum(), 1e-9 * last_layer.sum(), last_layer)
-    no_adversarial_gradient = loss_fn.adaptive_weight(last_layer.sum(), 0 * last_layer.sum(), last_layer)
+    huge = loss_fn.adversarial.adaptive_weight(1e9 * last_layer.sum(), 1e-9 * last_layer.sum(), last_layer)
+    no_adversarial_gradient = loss_fn.adversarial.adaptive_weight(last_layer.sum(), 0 * last_layer.sum(), last_layer)
     assert huge == no_adversarial_gradient == 0.5 * MAX_ADAPTIVE_WEIGHT
     assert not huge.requires_grad
 
 
 def test_discriminator_loss_trains_the_discriminator_only(tiny_vae, images):
     discriminator = tiny_discriminator()
-    loss_fn = VAELoss(disc_weight=0.5, discriminator=discriminator)
+    loss_fn = VAELoss(disc_scale=0.5, discriminator=discriminator)
     reconstruction = tiny_vae(images).sample
     loss, terms = loss_fn.discriminator_loss(images, reconstruction)
     loss.backward()
@@ -214,15 +216,15 @@ def test_discriminator_is_initialised_as_in_pix2pix():
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(reconstruction="l3"), "'l3'"),
-        (dict(kl_weight=-1e-6), "kl_weight must be >= 0, got -1e-06"),
-        (dict(ms_ssim_weight=float("nan")), "ms_ssim_weight must be >= 0, got nan"),
-        (dict(lpips_weight=-0.1), "lpips_weight must be >= 0"),
+        (dict(rec_loss="l3"), "'l3'"),
+        (dict(kl_scale=-1e-6), "kl_scale must be >= 0, got -1e-06"),
+        (dict(ms_ssim_scale=float("nan")), "ms_ssim_scale must be >= 0, got nan"),
+        (dict(perceptual_scale=-0.1), "perceptual_scale must be >= 0"),
         (dict(kl_warmup_steps=-5), "kl_warmup_steps must be >= 0, got -5"),
-        (dict(disc_weight=-0.5, discriminator=PatchDiscriminator(base_channels=8)), "disc_weight must be >= 0"),
-        (dict(disc_weight=0.5), "needs both disc_weight > 0 and a discriminator"),
-        (dict(discriminator=PatchDiscriminator(base_channels=8)), "got disc_weight=0.0"),
-        (dict(lpips_weight=1.0, lpips_net="resnet"), "'resnet'"),
+        (dict(disc_scale=-0.5, discriminator=PatchDiscriminator(base_channels=8)), "disc_scale must be >= 0"),
+        (dict(disc_scale=0.5), "needs both disc_scale > 0 and a discriminator"),
+        (dict(discriminator=PatchDiscriminator(base_channels=8)), "got disc_scale=0.0"),
+        (dict(perceptual_scale=1.0, lpips_net="resnet"), "'resnet'"),
     ],
 )
 def test_invalid_options_are_refused(options, match):
@@ -235,7 +237,7 @@ def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
         PatchDiscriminator(norm="instance")
     with pytest.raises(ValueError, match="at least 24x24 pixels, got \\(16, 16\\)"):
         PatchDiscriminator(base_channels=8)(images)
-    loss_fn = VAELoss(disc_weight=0.5, disc_start=100, discriminator=tiny_discriminator())
+    loss_fn = VAELoss(disc_scale=0.5, disc_start=100, discriminator=tiny_discriminator())
     with pytest.raises(ValueError, match="needs last_layer"):  # at step 0, not only once disc_start is reached
         loss_fn.generator_loss(tiny_vae(images, return_posterior=True), images, step=0)
     with pytest.raises(ValueError, match="differ in shape"):
@@ -247,14 +249,14 @@ def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
 def test_lpips_unavailable_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails, as it does without the package
     with pytest.raises(ImportError, match="pip install lpips"):
-        VAELoss(lpips_weight=1.0)
+        VAELoss(perceptual_scale=1.0)
 
     def offline_lpips(**kwargs):
         raise urllib.error.URLError("no network")  # what torchvision's download raises offline
 
     monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=offline_lpips))
     with pytest.raises(OSError, match=f"'alex' backbone.*{torch.hub.get_dir()}/checkpoints.*no network"):
-        VAELoss(lpips_weight=1.0, lpips_net="alex")
+        VAELoss(perceptual_scale=1.0, lpips_net="alex")
 
 
 def _data_parallel_worker(rank: int, world_size: int, store: str, vae_config: dict):
@@ -280,7 +282,7 @@ def _check_data_parallel_gradients(rank: int, world_size: int, vae_config: dict)
 
     def train_step(model, discriminator):
         model.zero_grad(), discriminator.zero_grad()
-        loss_fn = VAELoss(kl_weight=1e-3, ms_ssim_weight=0.5, disc_weight=0.5, discriminator=discriminator)
+        loss_fn = VAELoss(kl_scale=1e-3, ms_ssim_scale=0.5, disc_scale=0.5, discriminator=discriminator)
         output = model(
             images, sample_posterior=True, generator=torch.Generator().manual_seed(rank), return_posterior=True
         )

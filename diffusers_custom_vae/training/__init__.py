@@ -1,0 +1,15 @@
+"""Training with accelerate, from one CPU to many GPUs: `train(TrainConfig(...))` is the whole job, and
+`examples/train_vae.py` its command line.
+
+- `config.py`: `TrainConfig`, the run's settings (the command line's flags).
+- `trainer.py`: the machinery, whatever is learned: accelerate, data, the loop, stops, logging, validation.
+- `objectives.py`: what is learned: `Objective` (the interface), `VAEObjective` (a VAE from images).
+- `checkpoints.py`: resumable checkpoint folders. `export.py`: the output folder and the push.
+"""
+
+from .checkpoints import checkpoint_steps
+from .config import TrainConfig
+from .objectives import Objective, VAEObjective
+from .trainer import Trainer, train
+
+__all__ = ["Objective", "TrainConfig", "Trainer", "VAEObjective", "checkpoint_steps", "train"]

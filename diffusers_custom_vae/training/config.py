@@ -1,0 +1,113 @@
+"""`TrainConfig`: one training run. Its fields are the flags of `examples/train_vae.py` (named as diffusers' trainers
+name them where the meaning is the same) and the keyword arguments of the functions it feeds, so a setting keeps one
+name from the command line to the loss or the data loader (`arguments_for`)."""
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+from ..data import parse_resolution
+
+
+def _flag(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """A training run. The defaults are the main job: the embedded photos, 64 px, 5 epochs (280 steps of 8 images,
+    about 4 minutes on a 2-core CPU); for your own data set at least `resolution`."""
+
+    # Data (neither train_data_dir nor dataset_name: the photos embedded in scikit-image and scikit-learn)
+    train_data_dir: str | None = _flag(None, "a folder of images, searched recursively")
+    dataset_name: str | None = _flag(None, "a Hugging Face dataset: Hub name or local path")
+    dataset_config_name: str | None = _flag(None, "the dataset's config name, if it has several")
+    image_column: str = _flag("image", "the dataset column holding the images")
+    streaming: bool = _flag(False, "stream --dataset_name instead of downloading it first (needs --max_train_steps)")
+    cache_dir: str | None = _flag(None, "where datasets and models downloaded from the Hub are cached")
+    resolution: list[int] = field(
+        default_factory=lambda: [64],
+        metadata={"help": "training image size: one number (square) or H W, multiples of the model's downsampling"},
+    )
+    center_crop: bool = _flag(False, "crop at the centre instead of at random")
+    random_flip: bool = _flag(False, "flip images horizontally at random")
+    dataloader_num_workers: int = _flag(0, "data-loading processes (0: load in the main process)")
+    # Model
+    model_config: str | None = _flag(
+        None,
+        "a JSON file of CustomVAE config arguments (default: the tutorial's); "
+        'with "_class_name": "AutoencoderKL", a diffusers AutoencoderKL',
+    )
+    pretrained_model_name_or_path: str | None = _flag(None, "continue from these weights (a folder or Hub id)")
+    train_decoder_only: bool = _flag(False, "freeze the encoder: the latent space stays the pretrained one")
+    # Losses (the keyword arguments of `losses.VAELoss`)
+    rec_loss: str = _flag("l1", "reconstruction loss: l1 or l2")
+    ms_ssim_scale: float = _flag(0.0, "weight of the 1 - MS-SSIM term (0: off)")
+    kl_scale: float = _flag(
+        1e-6,
+        "weight of the KL term against the reconstruction summed over each image "
+        "(as in diffusers' trainer and latent diffusion)",
+    )
+    kl_warmup_steps: int = _flag(0, "ramp the KL weight linearly from 0 over this many steps")
+    perceptual_scale: float = _flag(0.0, "weight of the LPIPS term (0: off; needs the lpips package and its weights)")
+    disc_scale: float = _flag(0.0, "weight of the PatchGAN hinge loss (0: off)")
+    disc_start: int = _flag(0, "step at which the adversarial loss starts")
+    # Optimisation
+    train_batch_size: int = _flag(8, "images per process per step")
+    max_train_steps: int | None = _flag(None, "total optimiser steps (overrides --num_train_epochs)")
+    num_train_epochs: int = _flag(5, "epochs, when --max_train_steps is not given")
+    gradient_accumulation_steps: int = _flag(1, "batches per optimiser step")
+    gradient_checkpointing: bool = _flag(False, "recompute activations in backward to save memory")
+    learning_rate: float = _flag(1e-3, "AdamW learning rate (also the discriminator's); ~1e-4 to fine-tune weights")
+    scale_lr: bool = _flag(False, "multiply the learning rate by batch size, accumulation and process count")
+    lr_scheduler: str = _flag("cosine", "a diffusers scheduler: constant, constant_with_warmup, linear, cosine, ...")
+    lr_warmup_steps: int = _flag(50, "warm-up steps of the learning-rate schedule")
+    adam_beta1: float = _flag(0.9, "AdamW beta1")
+    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    adam_weight_decay: float = _flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = _flag(1.0, "clip gradients to this norm")
+    mixed_precision: str | None = _flag(
+        None, "no, fp16 or bf16 (default: accelerate's config)", choices=["no", "fp16", "bf16"]
+    )
+    use_ema: bool = _flag(False, "keep an exponential moving average of the weights for validation and the result")
+    ema_decay: float = _flag(0.9999, "the EMA's largest decay (it warms up from 0)")
+    seed: int = _flag(0, "seed of the whole run: same seed, same weights on CPU")
+    # Checkpoints, validation, logging, output
+    output_dir: str = _flag("outputs/custom-vae", "where the model, checkpoints, logs and model card go")
+    checkpointing_steps: int = _flag(500, "save a resumable checkpoint-N folder every this many steps")
+    checkpoints_total_limit: int | None = _flag(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = _flag(None, "'latest' or a checkpoint folder to continue from")
+    validation_steps: int = _flag(100, "validate (PSNR, SSIM, image grid) every this many steps")
+    report_to: str = _flag("tensorboard", "accelerate tracker: tensorboard, wandb, all or none")
+    push_to_hub: bool = _flag(False, "upload the result to the Hub (token: `hf auth login` or HF_TOKEN)")
+    hub_model_id: str | None = _flag(None, "the Hub repo to push to (default: the output folder's name)")
+
+    def __post_init__(self):
+        # (H, W); the model's downsampling factor is checked when the model is known.
+        self.resolution = list(parse_resolution(self.resolution, multiple=1))
+        problems = []
+        if self.train_data_dir and self.dataset_name:
+            problems.append("give --train_data_dir or --dataset_name, not both")
+        if self.streaming and not self.max_train_steps:
+            problems.append("--streaming needs --max_train_steps (a stream has no length)")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.rec_loss not in ("l1", "l2"):
+            problems.append(f"--rec_loss must be l1 or l2, got {self.rec_loss!r}")
+        if problems:
+            raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+
+    @property
+    def images_per_step(self) -> int:
+        """Images per process per optimiser step (times the process count for the whole step)."""
+        return self.train_batch_size * self.gradient_accumulation_steps
+
+    def arguments_for(self, function) -> dict:
+        """The fields named like `function`'s parameters, as keyword arguments: the settings keep their names from
+        the flag to the function (`load_data`, `VAELoss`)."""
+        names = inspect.signature(function).parameters.keys() & {f.name for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in names}
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)

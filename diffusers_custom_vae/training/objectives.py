@@ -1,0 +1,163 @@
+"""What a training run learns. The trainer (`trainer.py`) owns accelerate, the data, the optimiser and schedule of
+`objective.model`, EMA, checkpoints, logging and the output folder; an `Objective` says what one step computes, how
+validation looks and what the saved model records. `VAEObjective` learns a VAE from images."""
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch import nn
+
+from ..evaluation import comparison_grid, evaluate_vae, load_vae, vae_class
+from ..latents import estimate_scaling_factor
+from ..losses import PatchDiscriminator, VAELoss
+from ..metrics import psnr, ssim
+from ..modeling_custom_vae import CustomVAE, CustomVAEOutput
+from .config import TrainConfig
+
+
+class Objective:
+    """The interface the trainer calls, in this order:
+
+    - `model`: the module trained, averaged (EMA), validated and saved; `training_module()` is what accelerate wraps
+      and the step calls (the model itself, or a wrapper whose `forward` makes the step's one call).
+    - `prepare(accelerator, make_optimizer)`: wraps what else trains (a discriminator) and moves frozen helpers (a
+      teacher) to the device; returns the (wrapped module, optimiser) pairs the trainer steps beside the model's.
+    - `loss(module, images, step) -> (loss, terms)`: one batch. `module` is the wrapped `training_module()`; `loss` may
+      include the helpers' losses (each touching only its own parameters), so one backward serves all; `terms` are
+      detached tensors to log.
+    - `validate(model, images) -> (scores, rows)`: floats to log, and image rows (originals first) for a grid.
+    - `finish(model, data, config)`: sets what the saved config records (scaling factor...) before saving.
+    - `evaluate(model, data) -> metrics` and `comparison_grid(model, images) -> image` for the output folder.
+    """
+
+    model: nn.Module
+
+    def training_module(self) -> nn.Module:
+        return self.model
+
+    def prepare(self, accelerator: Accelerator, make_optimizer) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+        return []
+
+    def loss(self, module: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, images: torch.Tensor) -> tuple[dict[str, float], list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, data, config: TrainConfig) -> None:
+        pass
+
+    def evaluate(self, model: nn.Module, data) -> dict[str, float]:
+        raise NotImplementedError
+
+    def comparison_grid(self, model: nn.Module, images: torch.Tensor) -> Image.Image:
+        raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        """What is learned, in a clause for the model card."""
+        return ""
+
+
+class VAEObjective(Objective):
+    """A VAE (a `CustomVAE`, or diffusers' `AutoencoderKL`) learns to reconstruct images: `losses.VAELoss`, with an
+    optional PatchGAN discriminator trained beside it."""
+
+    def __init__(self, config: TrainConfig):
+        self.model = build_vae(config)
+        self.config = config
+
+    def training_module(self) -> nn.Module:
+        return self.model if isinstance(self.model, CustomVAE) else WithPosterior(self.model)
+
+    def prepare(self, accelerator, make_optimizer):
+        discriminator = pairs = None
+        if self.config.disc_scale > 0:
+            discriminator = PatchDiscriminator()
+            discriminator, optimizer = accelerator.prepare(discriminator, make_optimizer(discriminator.parameters()))
+            pairs = [(discriminator, optimizer)]
+        self.loss_fn = VAELoss(**self.config.arguments_for(VAELoss), discriminator=discriminator)
+        self.loss_fn.to(accelerator.device)
+        return pairs or []
+
+    def loss(self, module, images, step):
+        output = module(images, sample_posterior=True, return_posterior=True)  # the wrapped forward: replicas sync
+        loss, terms = self.loss_fn.generator_loss(output, images, step, self.model.decoder.conv_out.weight)
+        if self.loss_fn.adversarial_active(step):
+            d_loss, d_terms = self.loss_fn.discriminator_loss(images, output.sample)
+            loss, terms = loss + d_loss, terms | d_terms
+        return loss, terms
+
+    def validate(self, model, images):
+        reconstruction = model(images).sample.clamp(-1, 1)  # the posterior's mode: no RNG is drawn
+        scores = {"psnr": psnr(reconstruction, images).item(), "ssim": ssim(reconstruction, images).item()}
+        return scores, [images, reconstruction]
+
+    def finish(self, model, data, config):
+        if not config.train_decoder_only:  # a frozen encoder keeps its latents' statistics, and its scaling factor
+            estimate_scaling_factor(model, _training_batches(data.train, config.train_batch_size), register=True)
+
+    def evaluate(self, model, data):
+        return evaluate_vae(model, data.test, desc="held-out metrics")
+
+    def comparison_grid(self, model, images):
+        return comparison_grid([model], images)
+
+    @property
+    def description(self) -> str:
+        config = self.config
+        return (
+            f"{config.rec_loss} reconstruction loss, KL weight {config.kl_scale}"
+            f"{f', MS-SSIM {config.ms_ssim_scale}' if config.ms_ssim_scale else ''}"
+            f"{f', LPIPS {config.perceptual_scale}' if config.perceptual_scale else ''}"
+            f"{f', PatchGAN {config.disc_scale} from step {config.disc_start}' if config.disc_scale else ''}"
+        )
+
+
+class WithPosterior(nn.Module):
+    """Lets the training step call a diffusers `AutoencoderKL` as it calls a `CustomVAE`: its own `forward` returns
+    only the reconstruction, and the loss needs the posterior too."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = False, return_posterior: bool = False):
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample() if sample_posterior else posterior.mode()
+        return CustomVAEOutput(sample=self.vae.decode(latents).sample, latent_dist=posterior)
+
+
+def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
+    """A new model from `model_config` (a CustomVAE config, or any config whose `_class_name` is AutoencoderKL), the
+    weights of `pretrained_model_name_or_path`, or the tutorial's default CustomVAE; in training mode, with the
+    encoder frozen for `train_decoder_only`."""
+    if config.pretrained_model_name_or_path:
+        vae = load_vae(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)
+    elif config.model_config:
+        try:
+            model_config = json.loads(Path(config.model_config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Cannot read --model_config {config.model_config!r}: {error}") from error
+        vae = vae_class(model_config, config.model_config).from_config(model_config)
+    else:
+        vae = CustomVAE()
+    if config.train_decoder_only:  # the encoder side, AutoencoderKL's quant_conv included, keeps the latent space
+        for part in (vae.encoder, getattr(vae, "quant_conv", None)):
+            if part is not None:
+                part.requires_grad_(False)
+    if config.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    return vae.train()
+
+
+def _training_batches(dataset, batch_size: int, count: int = 16):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for index, images in enumerate(loader):
+        if index == count:
+            return
+        yield images

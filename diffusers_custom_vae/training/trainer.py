@@ -1,0 +1,347 @@
+"""The training machinery, whatever is learned: accelerate, data, the loop, checkpoints, stops, logging, validation.
+
+`train(TrainConfig(...))` runs the whole job. What a step computes comes from an `Objective` (`objectives.py`); the
+step calls the wrapped module's `forward`, so data-parallel replicas stay in sync, and makes one host sync, shared
+by every process: one all-reduce carries the loss terms, the non-finite check and any stop request.
+"""
+
+import importlib.util
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..data import load_data
+from ..images import image_grid
+from ..modeling_custom_vae import downsample_factor_of
+from .checkpoints import latest_checkpoint, resume, save_checkpoint
+from .config import TrainConfig
+from .export import write_output_folder
+from .objectives import Objective, VAEObjective
+
+
+def train(config: TrainConfig, objective: Objective | None = None) -> dict:
+    """Runs the whole job: data, model, training loop, then the output folder (model, metrics, grid, model card).
+    Returns what metrics.json holds: held-out metrics and training throughput."""
+    require_training_extras(config)
+    trainer = Trainer(config, objective)
+    trainer.fit()
+    return trainer.finish()
+
+
+class Trainer:
+    """Sets up a run of `objective` (default: a `VAEObjective` of `config`) with accelerate: data, optimiser,
+    schedule, EMA, trackers, and the state of a checkpoint to resume from. `fit()` trains; `finish()` writes the
+    output folder."""
+
+    def __init__(self, config: TrainConfig, objective: Objective | None = None):
+        self.config, self.output_dir = config, Path(config.output_dir)
+        self.accelerator = accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(config.output_dir, logging_dir=f"{config.output_dir}/logs"),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        )
+        refuse_unaware_copies(accelerator)
+        set_seed(config.seed, device_specific=True)  # each rank draws its own posterior noise, reproducibly
+        self.objective = objective or VAEObjective(config)
+        self.model = self.objective.model  # `self.module` below is what accelerate wraps and the step calls
+        self.data = load_data(**config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
+        self.images_per_step = config.images_per_step * accelerator.num_processes
+
+        lr = config.learning_rate * (self.images_per_step if config.scale_lr else 1)
+        betas, decay = (config.adam_beta1, config.adam_beta2), config.adam_weight_decay
+        make_optimizer = lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=decay)
+        loader = torch.utils.data.DataLoader(
+            self.data.train,
+            batch_size=config.train_batch_size,
+            shuffle=not isinstance(self.data.train, torch.utils.data.IterableDataset),
+            drop_last=True,
+            num_workers=config.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(config.seed),  # the global RNG stays untouched by new iterators
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.module, optimizer, self.loader = accelerator.prepare(
+            self.objective.training_module(), make_optimizer(trainable), loader
+        )
+        self.max_steps = self._max_steps()
+        self.scheduler = accelerator.prepare(
+            get_scheduler(  # stepped once per process per step, hence the factors
+                config.lr_scheduler,
+                optimizer,
+                num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                num_training_steps=self.max_steps * accelerator.num_processes,
+            )
+        )
+        helpers = self.objective.prepare(accelerator, make_optimizer)  # e.g. a discriminator and its optimiser
+        self.helper_modules = [module for module, _ in helpers]
+        self.optimizers = [optimizer, *(helper_optimizer for _, helper_optimizer in helpers)]
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(
+                self.model.parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=True,
+                model_cls=type(self.model),
+                model_config=self.model.config,
+            )
+            self.ema.to(accelerator.device)
+            accelerator.register_for_checkpointing(self.ema)
+        self.state = TrainingState()
+        accelerator.register_for_checkpointing(self.state)
+        self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
+        resumed = resume(accelerator, self.output_dir, config.resume_from_checkpoint)
+        if resumed is not None:
+            accelerator.print(f"Resumed from {resumed} at step {self.state.step}.")
+        if accelerator.is_main_process:
+            loggable = {k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("train_vae", config=loggable)
+        accelerator.print(
+            f"Training {type(self.model).__name__} on {accelerator.num_processes} process(es) "
+            f"({accelerator.distributed_type.value}, {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}): {self.max_steps} steps of {self.images_per_step} images. "
+            f"Data: {self.data.description}"
+        )
+
+    def _max_steps(self) -> int:
+        if isinstance(self.data.train, torch.utils.data.IterableDataset):
+            return self.config.max_train_steps  # a stream has no length; the config requires max_train_steps
+        steps_per_epoch = math.ceil(len(self.loader) / self.config.gradient_accumulation_steps)
+        if steps_per_epoch == 0:  # drop_last leaves no batch: the loop would wait for one forever
+            raise ValueError(
+                f"The training data holds {len(self.data.train)} images, fewer than one batch of "
+                f"{self.config.train_batch_size} per process on {self.accelerator.num_processes} process(es): lower "
+                "--train_batch_size or add images."
+            )
+        return self.config.max_train_steps or self.config.num_train_epochs * steps_per_epoch
+
+    def fit(self):
+        """Trains to `max_steps`: checkpoints and validation on their schedules; a stop request (Ctrl-C, SIGTERM)
+        finishes the step, saves a checkpoint and raises `KeyboardInterrupt`; a non-finite loss raises before the
+        weights change."""
+        state, config = self.state, self.config
+        progress = tqdm(
+            total=self.max_steps, initial=state.step, desc="train", disable=not self.accelerator.is_local_main_process
+        )
+        self.first_step, self.step_seconds = state.step, 0.0  # time in steps only: validation and checkpoints excluded
+        with StopRequest() as stop:
+            while state.step < self.max_steps:
+                tick = time.perf_counter()
+                for images in self._epoch_batches():
+                    report = self._step(images, stop.requested)
+                    if report is None:  # accumulating: the optimiser steps after the last micro-batch
+                        continue
+                    state.step += 1
+                    if self.ema is not None:
+                        self.ema.step(self.model.parameters())
+                    self.step_seconds += time.perf_counter() - tick
+                    self._log(report, time.perf_counter() - tick, progress)
+                    last = state.step >= self.max_steps
+                    checkpoint_due = last or state.step % config.checkpointing_steps == 0 or report["stop"]
+                    if checkpoint_due:
+                        save_checkpoint(self.accelerator, self.output_dir, state.step, config.checkpoints_total_limit)
+                    if last or state.step % config.validation_steps == 0:
+                        self.validate()
+                    if report["stop"]:
+                        progress.close()
+                        self.accelerator.print(
+                            f"Stopped at step {state.step}; saved checkpoint-{state.step}. "
+                            "Continue with --resume_from_checkpoint latest."
+                        )
+                        raise KeyboardInterrupt
+                    if last:
+                        break
+                    tick = time.perf_counter()
+        progress.close()
+
+    def _epoch_batches(self):
+        """The batches of the current epoch from where the run stands (a resumed run skips those it consumed), with
+        `state.epoch_batches` counting them, so a checkpoint records the position; the epoch advances only when the
+        loader is exhausted, not when the loop breaks off at the last step."""
+        state = self.state
+        self.loader.set_epoch(state.epoch)  # the shuffle order depends on (seed, epoch)...
+        self.data.train.set_epoch(state.epoch)  # ...and so does each image's augmentation
+        consumed = state.epoch_batches
+        for images in self.accelerator.skip_first_batches(self.loader, consumed) if consumed else self.loader:
+            state.epoch_batches += 1
+            yield images
+        if state.epoch_batches == 0:  # a stream that ends before its first batch would loop forever
+            raise ValueError(f"The training data gave no batch of {self.config.train_batch_size} images.")
+        state.epoch, state.epoch_batches = state.epoch + 1, 0
+
+    def _step(self, images: torch.Tensor, stop_requested: bool) -> dict[str, float] | None:
+        """One batch: forward and backward; after the last batch of a step, clip, check and update. Returns the
+        step's report (its terms averaged over the processes, and whether any asked to stop), or `None` while
+        accumulating gradients."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.module, *self.helper_modules):
+            loss, terms = self.objective.loss(self.module, images, self.state.step)
+            self.non_finite += (~torch.isfinite(loss.detach())).float()  # counted on the device: no host sync
+            accelerator.backward(loss)
+            if not accelerator.sync_gradients:
+                return None
+            terms["grad_norm"] = accelerator.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+            report = self._agree(loss, terms, stop_requested)
+            if report.pop("non_finite"):
+                raise FloatingPointError(self._non_finite_message(report))
+            for optimizer in self.optimizers:  # accelerate steps (and schedules) only when the accumulation completes
+                optimizer.step()
+                optimizer.zero_grad()
+            self.scheduler.step()
+        return report
+
+    def _agree(self, loss: torch.Tensor, terms: dict, stop_requested: bool) -> dict[str, float]:
+        """The step's one host sync: every process's terms, non-finite count and stop request in one all-reduce."""
+        flags = torch.tensor([float(stop_requested)], device=loss.device)
+        values = torch.cat([loss.detach().float().reshape(1), self.non_finite.reshape(1), flags])
+        values = torch.cat([values, torch.stack([value.float() for value in terms.values()])])
+        loss_value, non_finite, stop, *term_values = self.accelerator.reduce(values, reduction="mean").tolist()
+        self.non_finite.zero_()
+        return {"loss": loss_value, **dict(zip(terms, term_values)), "non_finite": non_finite > 0, "stop": stop > 0}
+
+    def _non_finite_message(self, report: dict) -> str:
+        last = latest_checkpoint(self.output_dir)
+        intact = f"{last} is intact" if last else "no checkpoint was written yet"
+        values = ", ".join(f"{name}={value:.4g}" for name, value in report.items() if name != "stop")
+        return (
+            f"The loss is not finite at step {self.state.step + 1} ({values}). Nothing was saved from this step; "
+            f"{intact}. Try a lower --learning_rate, --mixed_precision no, or a smaller --max_grad_norm."
+        )
+
+    def _log(self, report: dict, seconds: float, progress: tqdm):
+        images_per_second = self.images_per_step / seconds
+        scalars = {k: v for k, v in report.items() if k != "stop"}
+        lr = self.scheduler.get_last_lr()[0]
+        self.accelerator.log(scalars | {"lr": lr, "images_per_second": images_per_second}, step=self.state.step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{report['loss']:.4f}", img_s=f"{images_per_second:.1f}")
+
+    @torch.no_grad()
+    def validate(self):
+        """The objective's scores and image rows for the validation batch, with the EMA weights when there are
+        some; logged (scores, and the grid to tensorboard) and printed on the main process."""
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        self.model.eval()
+        scores, rows = self.objective.validate(self.model, self.data.validation.to(self.accelerator.device))
+        self.model.train()
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        if not self.accelerator.is_main_process:
+            return
+        self.accelerator.log({f"validation/{name}": value for name, value in scores.items()}, step=self.state.step)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                grid = np.array(image_grid([row.float().cpu() for row in rows]))
+                tracker.writer.add_image("validation/reconstructions", grid, self.state.step, dataformats="HWC")
+        tqdm.write(f"step {self.state.step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    def finish(self) -> dict:
+        """Checks the replicas agree, puts the EMA weights in, and writes the output folder (main process)."""
+        check_ranks_in_sync(self.accelerator, self.model)
+        if self.ema is not None:
+            self.ema.copy_to(self.model.parameters())
+        throughput = {
+            "train_steps": self.state.step - self.first_step,
+            "train_seconds": round(self.step_seconds, 1),
+            "train_images_per_second": (self.state.step - self.first_step)
+            * self.images_per_step
+            / max(self.step_seconds, 1e-9),
+        }
+        metrics = {}
+        if self.accelerator.is_main_process:
+            metrics = write_output_folder(
+                self.model, self.objective, self.data, self.config, self.accelerator.num_processes, throughput
+            )
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return metrics
+
+
+class TrainingState:
+    """Where the run is: optimiser steps, epoch, and batches consumed in that epoch (a resume skips them). Saved in
+    every checkpoint beside the model, optimiser, schedulers and RNG states."""
+
+    def __init__(self):
+        self.step, self.epoch, self.epoch_batches = 0, 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "epoch_batches": self.epoch_batches}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption): the trainer finishes the step, saves a checkpoint and
+    stops; every process learns of a request through the step's all-reduce, so they save the same step. A second
+    Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Stopping after this step to save a checkpoint (Ctrl-C again to stop at once).")
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def require_training_extras(config: TrainConfig):
+    """The packages of the `train` extra this run needs, or an error that says how to install them."""
+    needed = {"tensorboard": "--report_to tensorboard"} if config.report_to in ("tensorboard", "all") else {}
+    if config.dataset_name:
+        needed["datasets"] = "--dataset_name"
+    elif not config.train_data_dir:
+        needed |= {"skimage": "the embedded photos", "sklearn": "the embedded photos"}
+    missing = [f"{module} (for {use})" for module, use in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(
+            f"Training needs {', '.join(missing)}: install them with `pip install 'diffusers_custom_vae[train]'` "
+            '(or `pip install -e ".[train]"` in a checkout).'
+        )
+
+
+def refuse_unaware_copies(accelerator: Accelerator):
+    """torchrun (or --multi_gpu without a GPU) can start N processes that each think they are alone: N identical
+    trainings writing the same folder. Refuse that instead of training."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if (
+        world_size != accelerator.num_processes
+    ):  # a launch the user can fix: a ValueError, one line at the command line
+        raise ValueError(
+            f"{world_size} processes were launched but accelerate sees {accelerator.num_processes}: they would train "
+            "independent copies. On a machine without GPUs use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...` (or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...`)."
+        )
+
+
+def check_ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module):
+    """Data-parallel replicas must end identical; a difference means the step bypassed the wrapped model."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.all(checksums == checksums[0]):
+        raise RuntimeError(f"Model replicas diverged across processes (parameter checksums {checksums.tolist()}).")
+    accelerator.print(f"All {accelerator.num_processes} processes hold identical weights.")
