@@ -1,7 +1,9 @@
 """Reconstruction metrics as pure functions of two image batches (B, 3, H, W) in [-1, 1].
 
 PSNR, SSIM and MS-SSIM are torchmetrics' implementations (Gaussian window 11, sigma 1.5), computed per image on
-[0, 1] and averaged, as published VAE evaluations report them.
+[0, 1] and averaged, as published VAE evaluations report them. Images too small for that window still get a score:
+SSIM shrinks the window to the image (an odd size, sigma in proportion), and MS-SSIM uses the scales that fit, down
+to one (which is SSIM).
 """
 
 import torch
@@ -25,19 +27,37 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM (Gaussian window 11, sigma 1.5)."""
-    return structural_similarity_index_measure(_unit(reconstruction), _unit(target), data_range=1.0)
+    """Mean SSIM (Gaussian window 11, sigma 1.5; smaller on images of less than 11 pixels)."""
+    kernel_size = _window(*target.shape[-2:])
+    return structural_similarity_index_measure(
+        _unit(reconstruction), _unit(target), data_range=1.0, kernel_size=kernel_size, sigma=1.5 * kernel_size / 11
+    )
+
+
+def _window(height: int, width: int, kernel_size: int = 11) -> int:
+    """The largest odd window up to `kernel_size` that fits in the image."""
+    return min(kernel_size, (min(height, width) - 1) // 2 * 2 + 1)
 
 
 def ms_ssim_scales(height: int, width: int, kernel_size: int = 11) -> int:
-    """How many of MS-SSIM's 5 scales fit: the coarsest must still be larger than the window."""
-    fits = [n for n in range(1, len(_MS_SSIM_BETAS) + 1) if min(height, width) > (kernel_size - 1) * 2 ** (n - 1)]
+    """How many of MS-SSIM's 5 scales fit: each halves the image, and the coarsest must still exceed the window.
+    torchmetrics also asks `side // (scales - 1) ** 2 > kernel_size - 1`, stricter from 3 scales on (5 scales need
+    176 px, not 161)."""
+    side = min(height, width)
+    fits = [
+        n
+        for n in range(1, len(_MS_SSIM_BETAS) + 1)
+        if side > (kernel_size - 1) * 2 ** (n - 1) and side // max(1, n - 1) ** 2 > kernel_size - 1
+    ]
     return max(fits, default=1)
 
 
 def ms_ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean MS-SSIM. Images smaller than 161 px use fewer scales (weights renormalised) rather than failing."""
+    """Mean MS-SSIM. Images smaller than 161 px use fewer scales (weights renormalised) rather than failing; one
+    scale is SSIM, which is what images of 20 px or less get."""
     scales = ms_ssim_scales(*target.shape[-2:])
+    if scales == 1:
+        return ssim(reconstruction, target)
     betas = tuple(b / sum(_MS_SSIM_BETAS[:scales]) for b in _MS_SSIM_BETAS[:scales])
     return multiscale_structural_similarity_index_measure(
         _unit(reconstruction), _unit(target), data_range=1.0, betas=betas, normalize="relu"
