@@ -1,4 +1,5 @@
 import io
+import os
 import random
 from pathlib import Path
 
@@ -332,3 +333,40 @@ def test_resolution_forms(resolution, size):
 def test_options_that_do_not_apply_are_errors(options, message):
     with pytest.raises(ValueError, match=message):
         load_data(resolution=16, **options)
+
+
+def test_symlink_loops_end_and_each_real_image_counts_once(tmp_path):
+    """One loop used to turn 3 images into 123 paths, in both splits; two loops never finished walking."""
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for index in range(3):
+        Image.fromarray(noise(20, 20)).save(root / "a" / f"{index}.png")
+    os.symlink(root, root / "a" / "loop")  # back to the top
+    os.symlink(root / "a", root / "b" / "to_a")
+    os.symlink(root / "b", root / "a" / "to_b")  # a second loop, through b
+    os.symlink(root / "a" / "0.png", root / "b" / "same_as_0.png")  # one file, two paths
+    splits = load_data(train_data_dir=root, resolution=16)
+    names = relative(splits.train.images + splits.test.images, root)
+    assert names == {"a/0.png", "a/1.png", "a/2.png"}
+    assert not set(splits.train.images) & set(splits.test.images)
+
+
+def test_an_extreme_aspect_ratio_costs_no_more_memory_than_the_output(monkeypatch):
+    """A 140-byte 20000x1 PNG took 5.7 GB: the whole image was upscaled before cropping, and the test images' size
+    cap could be overridden by the aspect ratio. Every resize now makes at most what the transform returns."""
+    largest = []
+    resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        largest.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    line, column = Image.new("RGB", (20000, 1), "red"), Image.new("RGB", (1, 20000), "red")
+    for image in (line, column):
+        for transform in (ResizeCrop((64, 64)), ResizeCrop((64, 64), center_crop=True)):
+            assert transform(image, np.random.default_rng(0)).shape == (3, 64, 64)
+        assert max(WholeImage()(image).shape[1:]) <= 1024
+    assert WholeImage()(line).shape == (3, 8, 1024) and WholeImage()(column).shape == (3, 1024, 8)
+    assert max(largest) <= 1024 * 8

@@ -55,18 +55,26 @@ def folder_splits(folder: str | os.PathLike, options: ImageOptions) -> DataSplit
 def find_images(folder: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
     """(readable images, [(path, reason) of unreadable ones]) under `folder`, recursively, sorted by path.
 
-    Files with `IMAGE_EXTENSIONS` (any case) count; hidden files and folders are ignored. Each file is decoded once
-    (JPEG at 1/8 scale, which still reads the whole stream), on threads, with a progress bar; unreadable ones are
-    warned about. Raises `ValueError` naming the folder when it is missing or holds no readable image.
+    Files with `IMAGE_EXTENSIONS` (any case) count; hidden files and folders are ignored. Symbolic links are
+    followed, but each real folder is walked once and each real file counted once (its first path in sorted order),
+    so a link loop ends and a file reachable by two paths cannot land in both the training and the held-out split.
+    Each file is decoded once (JPEG at 1/8 scale, which still reads the whole stream), on threads, with a progress
+    bar; unreadable ones are warned about. Raises `ValueError` naming the folder when it is missing or holds no
+    readable image.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"Image folder {os.fspath(folder)!r} does not exist or is not a folder")
-    paths = []
+    walked, by_real_path = set(), {}
     for root, folders, names in os.walk(folder, followlinks=True):
-        folders[:] = [name for name in folders if not name.startswith(".")]  # prunes the walk
-        paths += [Path(root, name) for name in names if _is_image_name(name)]
-    paths.sort()
+        if os.path.realpath(root) in walked:  # a link back to a folder already walked: a loop, or a second way in
+            folders[:] = []
+            continue
+        walked.add(os.path.realpath(root))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # prunes and orders the walk
+        for name in sorted(filter(_is_image_name, names)):
+            by_real_path.setdefault(os.path.realpath(Path(root, name)), Path(root, name))
+    paths = sorted(by_real_path.values())
     if not paths:
         raise ValueError(
             f"Image folder {os.fspath(folder)!r} holds no images with the extensions {', '.join(IMAGE_EXTENSIONS)} "

@@ -74,8 +74,10 @@ class ImageOptions:
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """Scale (Lanczos) so the image covers the resolution, shorter side first, as diffusers' train_text_to_image
-    does; then a centre or random crop to (H, W); then an optional random horizontal flip."""
+    """A centre or random crop of the resolution's aspect ratio, as large as the image allows, resized (Lanczos) to
+    (H, W) (what diffusers' train_text_to_image does by scaling the shorter side first, then cropping); then an
+    optional random horizontal flip. The crop is cut before resizing, so memory follows the output size whatever the
+    image's shape (a 20000x1 image does not become a 1280000x64 one first)."""
 
     resolution: tuple[int, int]
     center_crop: bool = False
@@ -83,15 +85,14 @@ class ResizeCrop:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
         height, width = self.resolution
-        scale = max(height / image.height, width / image.width)
-        if scale != 1:
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS)
+        scale = min(image.height / height, image.width / width)  # source pixels per output pixel
+        crop_height, crop_width = height * scale, width * scale  # fractional: the box fits the image exactly
         if self.center_crop:
-            top, left = (image.height - height) // 2, (image.width - width) // 2
+            top, left = (image.height - crop_height) / 2, (image.width - crop_width) / 2
         else:
-            top, left = rng.integers(image.height - height + 1), rng.integers(image.width - width + 1)
-        image = image.crop((left, top, left + width, top + height))
+            top, left = rng.uniform(0, image.height - crop_height), rng.uniform(0, image.width - crop_width)
+        box = (left, top, left + crop_width, top + crop_height)
+        image = image.resize((width, height), Image.Resampling.LANCZOS, box=box)
         return pil_to_tensor(_maybe_flip(image, self.random_flip, rng))
 
 
@@ -118,12 +119,22 @@ class MultiScaleCrop:
 @dataclass(frozen=True)
 class WholeImage:
     """The whole image for evaluation: downscaled (Lanczos) to at most `max_side`, then centre-cropped to multiples
-    of `multiple` (the model's downsampling factor). Images smaller than `multiple` are enlarged to it."""
+    of `multiple` (the model's downsampling factor). Images smaller than `multiple` are enlarged to it; images longer
+    than `max_side / multiple` times their width (or height) are first centre-cropped to that aspect ratio, so that
+    neither rule can push the other side past `max_side`."""
 
     max_side: int = MAX_TEST_SIDE
     multiple: int = 8
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        longest_ratio = self.max_side / self.multiple
+        width, height = (
+            min(image.width, round(image.height * longest_ratio)),
+            min(image.height, round(image.width * longest_ratio)),
+        )
+        if (width, height) != image.size:
+            left, top = (image.width - width) // 2, (image.height - height) // 2
+            image = image.crop((left, top, left + width, top + height))
         scale = max(min(1.0, self.max_side / max(image.size)), self.multiple / min(image.size))
         if scale != 1:
             size = (max(self.multiple, round(image.width * scale)), max(self.multiple, round(image.height * scale)))
