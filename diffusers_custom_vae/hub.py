@@ -83,10 +83,11 @@ def upload_folder_to_hub(
     commit_message: str = "Upload CustomVAE",
     create_pr: bool = False,
     ignore_patterns: list[str] | None = None,
+    allow_patterns: list[str] | None = None,
 ) -> str:
     r"""
-    Create the model repo if needed and upload `folder` to it (but files matching `ignore_patterns`, e.g.
-    `["checkpoint-*"]`). Returns the commit URL.
+    Create the model repo if needed and upload `folder` to it: only the files matching `allow_patterns` when given,
+    and none matching `ignore_patterns` (e.g. `["checkpoint-*"]`). Returns the commit URL.
 
     The token is passed to huggingface_hub only (default: the one saved by `hf auth login`); it is never printed or
     written anywhere.
@@ -99,6 +100,7 @@ def upload_folder_to_hub(
         commit_message=commit_message,
         create_pr=create_pr,
         ignore_patterns=ignore_patterns,
+        allow_patterns=allow_patterns,
     )
     return str(commit)
 

@@ -124,6 +124,13 @@ def test_config_settings_keep_their_names_down_to_the_loss_and_the_data():
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--train_data_dir", "no-such-folder"], "'no-such-folder' does not exist"),
         (["--model_config", "no-such.json"], "Cannot read --model_config 'no-such.json'"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1, got 0"),
+        (["--max_train_steps", "-2"], "--max_train_steps must be at least 1, got -2"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be at least 1, got 0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+        (["--lr_scheduler", "cosin"], "--lr_scheduler must be one of linear, cosine"),
+        (["--ema_decay", "1.5"], r"--ema_decay must be in \[0, 1\], got 1.5"),
+        (["--kl_scale", "-1"], "--kl_scale must be at least 0.0, got -1.0"),
     ],
 )
 def test_a_users_mistake_is_one_line_and_writes_nothing(bad, message, run_example, tmp_path, capsys):
@@ -148,6 +155,27 @@ def test_the_resolution_must_fit_the_models_downsampling(flags, tmp_path, run_ex
     two_x.write_text(json.dumps({**TINY_8X, "block_out_channels": [8, 16]}))
     metrics = run_example("train_vae", [*flags(tmp_path / "2x"), "--model_config", str(two_x), "--resolution", "18"])
     assert metrics["train_steps"] == 3  # 18 px are 9 latents of a 2x model
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[8, 16]", "must hold a JSON object of config arguments.*it holds a list"),
+        (
+            '{"block_out_channel": [8, 16]}',
+            "keys CustomVAE does not take: block_out_channel. Its config arguments are",
+        ),
+        ('{"_class_name": "UNet2DModel"}', "UNet2DModel"),
+        ("{not json", "Cannot read --model_config"),
+    ],
+)
+def test_a_model_config_must_be_an_object_of_known_keys(flags, tmp_path, run_example, capsys, content, message):
+    (tmp_path / "model.json").write_text(content)
+    with pytest.raises(SystemExit):
+        run_example("train_vae", [*flags(tmp_path / "out"), "--model_config", str(tmp_path / "model.json")])
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "Traceback" not in error, error
+    assert not (tmp_path / "out").exists()
 
 
 def test_unaware_copies_are_refused(monkeypatch):
@@ -264,8 +292,8 @@ def test_push_to_hub_uploads_the_folder_and_never_the_token(flags, tmp_path, run
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
 
-    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        uploads.append((repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+        uploads.append((repo_id, allow_patterns))
         return f"https://huggingface.co/{repo_id}/commit/1"
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -273,13 +301,62 @@ def test_push_to_hub_uploads_the_folder_and_never_the_token(flags, tmp_path, run
     run_example(
         "train_vae", [*flags(out), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "user/dog-vae"]
     )
-    ((repo_id, files, ignored),) = uploads
+    ((repo_id, files),) = uploads
     assert repo_id == "user/dog-vae" and {"README.md", "config.json", "metrics.json"} <= set(files)
-    assert "checkpoint-*" in ignored
     assert 'CustomVAE.from_pretrained("user/dog-vae")' in (out / "README.md").read_text()
     assert "hf_SECRETtoken123" not in capsys.readouterr().out
     for path in out.rglob("*"):
         assert not path.is_file() or b"hf_SECRETtoken123" not in path.read_bytes(), path
+
+
+def test_push_uploads_only_what_the_trainer_wrote(flags, tmp_path, run_example, monkeypatch):
+    """The user's .env, notes and photos in the output folder stay home; so do checkpoints and logs."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".env", "notes.txt", "holiday.jpg"):
+        (out / name).write_text("private")
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded.extend(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return "https://huggingface.co/user/vae/commit/1"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    run_example("train_vae", [*flags(out), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "user/vae"])
+    expected = {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "metrics.json"}
+    assert expected | {"reconstructions.png", "training_config.json"} <= set(uploaded)
+    assert not {".env", "notes.txt", "holiday.jpg"} & set(uploaded)
+    assert not any(name.startswith(("checkpoint-", "logs")) for name in uploaded)
+
+
+def test_tiny_held_out_images_do_not_break_the_export(model_config, tmp_path, run_example):
+    """A 1x1 or 12x12 image among the held-out ones made MS-SSIM raise after all steps: no model was saved."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for index, size in enumerate([(1, 1), (12, 12), (5, 9), (12, 12), (3, 40), (1, 1)]):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
+    argv = ["--model_config", model_config, "--train_data_dir", str(folder), "--resolution", "16"]
+    metrics = run_example(
+        "train_vae",
+        [
+            *argv,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--report_to",
+            "none",
+        ],
+    )
+    assert all(math.isfinite(metrics[name]) for name in ("psnr", "ssim", "ms_ssim"))
+    assert CustomVAE.from_pretrained(tmp_path / "out") is not None
 
 
 def test_local_datasets_dataset_map_style_and_streamed(flags, tmp_path, run_example):

@@ -6,7 +6,18 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
+from diffusers.optimization import SchedulerType
+
 from ..data import parse_resolution
+
+SCHEDULERS = [kind.value for kind in SchedulerType]
+# The smallest value of each numeric setting (`None`, where a setting allows it, means "not given").
+MINIMUMS = {
+    **dict.fromkeys(["train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps"], 1),
+    **dict.fromkeys(["checkpointing_steps", "checkpoints_total_limit", "validation_steps"], 1),
+    **dict.fromkeys(["lr_warmup_steps", "kl_warmup_steps", "disc_start", "dataloader_num_workers"], 0),
+    **dict.fromkeys(["kl_scale", "ms_ssim_scale", "perceptual_scale", "disc_scale", "adam_weight_decay"], 0.0),
+}
 
 
 def _flag(default, help: str, **kwargs):
@@ -74,6 +85,9 @@ class TrainConfig:
     seed: int = _flag(0, "seed of the whole run: same seed, same weights on CPU")
     # Checkpoints, validation, logging, output
     output_dir: str = _flag("outputs/custom-vae", "where the model, checkpoints, logs and model card go")
+    overwrite_output_dir: bool = _flag(
+        False, "let a new run replace the files an earlier run wrote in --output_dir (without it, it refuses)"
+    )
     checkpointing_steps: int = _flag(500, "save a resumable checkpoint-N folder every this many steps")
     checkpoints_total_limit: int | None = _flag(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = _flag(None, "'latest' or a checkpoint folder to continue from")
@@ -90,11 +104,24 @@ class TrainConfig:
             problems.append("give --train_data_dir or --dataset_name, not both")
         if self.streaming and not self.max_train_steps:
             problems.append("--streaming needs --max_train_steps (a stream has no length)")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name, lowest in MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and not value >= lowest:  # `not >=` also refuses NaN
+                problems.append(f"--{name} must be at least {lowest}, got {value}")
+        for name in ("learning_rate", "max_grad_norm"):
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(f"--{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.ema_decay <= 1:
+            problems.append(f"--ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.rec_loss not in ("l1", "l2"):
             problems.append(f"--rec_loss must be l1 or l2, got {self.rec_loss!r}")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            problems.append(f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
         if problems:
             raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
 

@@ -1,7 +1,9 @@
 """The output folder of a run: the model, metrics.json, a grid of held-out images, the model card, the training
 config; then the optional push to the Hub."""
 
+import fnmatch
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -9,7 +11,44 @@ import torch
 from ..evaluation import common_crop
 from ..hub import render_model_card, upload_folder_to_hub
 from ..modeling_custom_vae import downsample_factor_of
+from .checkpoints import checkpoint_steps
 from .config import TrainConfig
+
+# What a run writes into its output folder besides its checkpoint-{step} folders: a new run never overwrites these
+# unless told to.
+OUTPUT_PATTERNS = (
+    "config.json",
+    "diffusion_pytorch_model*",
+    "modeling_custom_vae.py",
+    "README.md",
+    "metrics.json",
+    "training_config.json",
+    "reconstructions.png",
+    "logs",
+)
+
+
+def check_output_dir(config: TrainConfig):
+    """Refuses, before anything is written, an `output_dir` that is a file, and one holding what a new run would
+    overwrite (a user's README.md, an earlier run's model or checkpoints) unless the run resumes or
+    `overwrite_output_dir` says to replace them."""
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; the model, checkpoints and logs need a folder.")
+    if not output_dir.is_dir() or config.overwrite_output_dir:
+        return
+    checkpoints = [f"checkpoint-{step}" for step in checkpoint_steps(output_dir)]
+    if config.resume_from_checkpoint and (checkpoints or config.resume_from_checkpoint != "latest"):
+        return  # a resumed run rewrites what its earlier part wrote
+    names = sorted(path.name for path in output_dir.iterdir())
+    clashes = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OUTPUT_PATTERNS)]
+    clashes += checkpoints
+    if clashes:
+        resume = "continue that run with --resume_from_checkpoint latest, " if checkpoints else ""
+        raise ValueError(
+            f"--output_dir {output_dir} already holds {', '.join(clashes[:6])}{' ...' if len(clashes) > 6 else ''}, "
+            f"which a new run would overwrite: {resume}choose another --output_dir, or pass --overwrite_output_dir."
+        )
 
 
 @torch.no_grad()
@@ -17,10 +56,11 @@ def write_output_folder(model, objective, data, config: TrainConfig, num_process
     """Writes the output folder (see the module docstring) and pushes it when `config.push_to_hub`; returns what
     metrics.json holds: the objective's held-out metrics and the training throughput."""
     output_dir = Path(config.output_dir)
+    started = time.time_ns()
     model.eval()
     objective.finish(model, data, config)  # e.g. the scaling factor, before the config is saved
+    model.save_pretrained(output_dir)  # first: whatever fails later, the trained model is safe
     metrics = objective.evaluate(model, data)
-    model.save_pretrained(output_dir)
     summary = {**metrics, "split": data.test_description, "images": len(data.test), **throughput}
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "training_config.json").write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
@@ -45,9 +85,11 @@ def write_output_folder(model, objective, data, config: TrainConfig, num_process
     if data.skipped:
         print(f"Skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}.")
     if config.push_to_hub:
+        # Only what this export wrote: never the user's other files in the folder, nor checkpoints and logs.
+        written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.stat().st_mtime_ns >= started)
         repo_id = config.hub_model_id or output_dir.name
-        url = upload_folder_to_hub(output_dir, repo_id, ignore_patterns=["checkpoint-*", "logs/*"])
-        print(f"Pushed to {url}")
+        url = upload_folder_to_hub(output_dir, repo_id, allow_patterns=written)
+        print(f"Pushed {', '.join(written)} to {url}")
     return summary
 
 

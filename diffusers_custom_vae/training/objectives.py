@@ -2,6 +2,7 @@
 `objective.model`, EMA, checkpoints, logging and the output folder; an `Objective` says what one step computes, how
 validation looks and what the saved model records. `VAEObjective` learns a VAE from images."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -25,7 +26,8 @@ class Objective:
     - `model`: the module trained, averaged (EMA), validated and saved; `training_module()` is what accelerate wraps
       and the step calls (the model itself, or a wrapper whose `forward` makes the step's one call).
     - `prepare(accelerator, make_optimizer)`: wraps what else trains (a discriminator) and moves frozen helpers (a
-      teacher) to the device; returns the (wrapped module, optimiser) pairs the trainer steps beside the model's.
+      teacher) to the device; returns {name: (wrapped module, optimiser)} for the trainer to step beside the model's
+      and to checkpoint.
     - `loss(module, images, step) -> (loss, terms)`: one batch. `module` is the wrapped `training_module()`; `loss` may
       include the helpers' losses (each touching only its own parameters), so one backward serves all; `terms` are
       detached tensors to log.
@@ -39,8 +41,8 @@ class Objective:
     def training_module(self) -> nn.Module:
         return self.model
 
-    def prepare(self, accelerator: Accelerator, make_optimizer) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
-        return []
+    def prepare(self, accelerator: Accelerator, make_optimizer) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {}
 
     def loss(self, module: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -75,14 +77,14 @@ class VAEObjective(Objective):
         return self.model if isinstance(self.model, CustomVAE) else WithPosterior(self.model)
 
     def prepare(self, accelerator, make_optimizer):
-        discriminator = pairs = None
+        helpers = {}
         if self.config.disc_scale > 0:
             discriminator = PatchDiscriminator()
-            discriminator, optimizer = accelerator.prepare(discriminator, make_optimizer(discriminator.parameters()))
-            pairs = [(discriminator, optimizer)]
+            helpers["discriminator"] = accelerator.prepare(discriminator, make_optimizer(discriminator.parameters()))
+        discriminator = helpers["discriminator"][0] if helpers else None
         self.loss_fn = VAELoss(**self.config.arguments_for(VAELoss), discriminator=discriminator)
         self.loss_fn.to(accelerator.device)
-        return pairs or []
+        return helpers
 
     def loss(self, module, images, step):
         output = module(images, sample_posterior=True, return_posterior=True)  # the wrapped forward: replicas sync
@@ -139,11 +141,8 @@ def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
     if config.pretrained_model_name_or_path:
         vae = load_vae(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)
     elif config.model_config:
-        try:
-            model_config = json.loads(Path(config.model_config).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"Cannot read --model_config {config.model_config!r}: {error}") from error
-        vae = vae_class(model_config, config.model_config).from_config(model_config)
+        model_class, model_config = read_model_config(config.model_config)
+        vae = model_class.from_config(model_config)
     else:
         vae = CustomVAE()
     if config.train_decoder_only:  # the encoder side, AutoencoderKL's quant_conv included, keeps the latent space
@@ -153,6 +152,29 @@ def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     return vae.train()
+
+
+def read_model_config(path: str) -> tuple[type, dict]:
+    """(class, config) of a `--model_config` JSON file: an object whose keys are the class's config arguments (plus
+    diffusers' own `_class_name`, `_diffusers_version`...). A misspelled key is an error, not silently dropped."""
+    try:
+        model_config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read --model_config {path!r}: {error}") from error
+    if not isinstance(model_config, dict):
+        raise ValueError(
+            f"--model_config {path!r} must hold a JSON object of config arguments, e.g. "
+            f'{{"block_out_channels": [32, 64, 128, 128]}}; it holds a {type(model_config).__name__}.'
+        )
+    model_class = vae_class(model_config, path)
+    known = set(inspect.signature(model_class.__init__).parameters) - {"self"}
+    unknown = sorted(key for key in model_config if not key.startswith("_") and key not in known)
+    if unknown:
+        raise ValueError(
+            f"--model_config {path!r} has keys {model_class.__name__} does not take: {', '.join(unknown)}. "
+            f"Its config arguments are {', '.join(sorted(known))}."
+        )
+    return model_class, model_config
 
 
 def _training_batches(dataset, batch_size: int, count: int = 16):

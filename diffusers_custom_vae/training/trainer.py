@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ from tqdm.auto import tqdm
 from ..data import load_data
 from ..images import image_grid
 from ..modeling_custom_vae import downsample_factor_of
-from .checkpoints import latest_checkpoint, resume, save_checkpoint
+from .checkpoints import Checkpoints, latest_checkpoint, other_runs_checkpoints
 from .config import TrainConfig
-from .export import write_output_folder
+from .export import check_output_dir, write_output_folder
 from .objectives import Objective, VAEObjective
 
 
@@ -45,6 +46,7 @@ class Trainer:
     output folder."""
 
     def __init__(self, config: TrainConfig, objective: Objective | None = None):
+        check_output_dir(config)
         self.config, self.output_dir = config, Path(config.output_dir)
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -84,9 +86,9 @@ class Trainer:
                 num_training_steps=self.max_steps * accelerator.num_processes,
             )
         )
-        helpers = self.objective.prepare(accelerator, make_optimizer)  # e.g. a discriminator and its optimiser
-        self.helper_modules = [module for module, _ in helpers]
-        self.optimizers = [optimizer, *(helper_optimizer for _, helper_optimizer in helpers)]
+        helpers = self.objective.prepare(accelerator, make_optimizer)  # e.g. {"discriminator": (module, optimiser)}
+        self.helper_modules = [module for module, _ in helpers.values()]
+        self.optimizers = [optimizer, *(helper_optimizer for _, helper_optimizer in helpers.values())]
         self.ema = None
         if config.use_ema:
             self.ema = EMAModel(
@@ -97,13 +99,15 @@ class Trainer:
                 model_config=self.model.config,
             )
             self.ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(self.ema)
         self.state = TrainingState()
-        accelerator.register_for_checkpointing(self.state)
         self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
-        resumed = resume(accelerator, self.output_dir, config.resume_from_checkpoint)
-        if resumed is not None:
-            accelerator.print(f"Resumed from {resumed} at step {self.state.step}.")
+        # What a checkpoint holds: the trained modules as safetensors, the rest as state dicts of tensors and numbers.
+        self.checkpointed_modules = {"model": self.module} | {name: module for name, (module, _) in helpers.items()}
+        self.checkpointed_states = {"optimizer": optimizer, "scheduler": self.scheduler}
+        self.checkpointed_states |= {f"{name}_optimizer": opt for name, (_, opt) in helpers.items()}
+        self.checkpointed_states |= {"ema": self.ema} if self.ema is not None else {}
+        self.checkpointed_states |= {"scaler": accelerator.scaler} if accelerator.scaler is not None else {}
+        self.checkpoints = Checkpoints(accelerator, self.output_dir, self._resume(), config.checkpoints_total_limit)
         if accelerator.is_main_process:
             loggable = {k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("train_vae", config=loggable)
@@ -112,6 +116,36 @@ class Trainer:
             f"({accelerator.distributed_type.value}, {accelerator.device}, mixed precision "
             f"{accelerator.mixed_precision}): {self.max_steps} steps of {self.images_per_step} images. "
             f"Data: {self.data.description}"
+        )
+
+    def _resume(self) -> str:
+        """Restores the checkpoint `resume_from_checkpoint` names ("latest": the newest in the output folder), if
+        any; returns the run's id: the checkpoint's, or a new one."""
+        choice = self.config.resume_from_checkpoint
+        folder = None if not choice else latest_checkpoint(self.output_dir) if choice == "latest" else Path(choice)
+        if choice == "latest" and folder is None:
+            self.accelerator.print(f"No checkpoint in {self.output_dir}: starting a new run.")
+        if folder is None:
+            return uuid.uuid4().hex
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder.")
+        loader = Checkpoints(self.accelerator, self.output_dir, run_id="")
+        trainer_state = loader.load(folder, self.checkpointed_modules, self.checkpointed_states)
+        self.state.load_state_dict(trainer_state)
+        others = other_runs_checkpoints(self.output_dir, trainer_state["run_id"])
+        self.accelerator.print(
+            f"Resumed from {folder} at step {self.state.step}."
+            + (
+                f" {self.output_dir} also holds checkpoints of other runs, left alone: {', '.join(others)}."
+                if others
+                else ""
+            )
+        )
+        return trainer_state["run_id"]
+
+    def save_checkpoint(self):
+        self.checkpoints.save(
+            self.state.step, self.checkpointed_modules, self.checkpointed_states, self.state.state_dict()
         )
 
     def _max_steps(self) -> int:
@@ -150,7 +184,7 @@ class Trainer:
                     last = state.step >= self.max_steps
                     checkpoint_due = last or state.step % config.checkpointing_steps == 0 or report["stop"]
                     if checkpoint_due:
-                        save_checkpoint(self.accelerator, self.output_dir, state.step, config.checkpoints_total_limit)
+                        self.save_checkpoint()
                     if last or state.step % config.validation_steps == 0:
                         self.validate()
                     if report["stop"]:
@@ -272,7 +306,7 @@ class Trainer:
 
 class TrainingState:
     """Where the run is: optimiser steps, epoch, and batches consumed in that epoch (a resume skips them). Saved in
-    every checkpoint beside the model, optimiser, schedulers and RNG states."""
+    every checkpoint's trainer_state.json beside the model, optimiser, schedulers and RNG states."""
 
     def __init__(self):
         self.step, self.epoch, self.epoch_batches = 0, 0, 0
