@@ -327,16 +327,29 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_tiling = True
 
     def _check_input(self, x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
+        if not isinstance(x, torch.Tensor):
+            hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
+            raise TypeError(
+                f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
+                f"{type(x).__module__}.{type(x).__qualname__}{hint}."
+            )
+        # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
+        # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
+        if not x.is_floating_point():
+            hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
+            raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(
                 f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
             )
+        if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
+            raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
         height, width = x.shape[-2:]
         if height % spatial_multiple or width % spatial_multiple:
             m = spatial_multiple
             raise ValueError(
                 f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
-                f"resize or crop to e.g. {height // m * m}x{width // m * m}."
+                f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
             )
 
     def _tiled(self, fn, x: torch.Tensor, scale_in: int, scale_out: int) -> torch.Tensor:

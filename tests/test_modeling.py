@@ -481,12 +481,59 @@ def test_decode_names_the_expected_latent_channel_count(tiny_vae):
 
 
 @pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int64, torch.bool, torch.complex64], ids=["uint8", "int64", "bool", "complex64"]
+)
+def test_encode_and_decode_refuse_tensors_that_are_not_real_floating_point(tiny_vae, dtype):
+    """Cast to the VAE's dtype, 0-255 pixels would become a silently wrong posterior (uint8: mean all 0)."""
+    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+        tiny_vae.encode(torch.ones(1, 3, 8, 8, dtype=dtype))
+    with pytest.raises(TypeError, match=f"latents of a floating-point dtype.*got {dtype}"):
+        tiny_vae.decode(torch.ones(1, 4, 4, 4, dtype=dtype))
+    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+        tiny_vae(torch.ones(1, 3, 8, 8, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (1, 3, 0, 8)], ids=["empty batch", "no rows"])
+def test_empty_inputs_are_refused_clearly(tiny_vae, shape):
+    with pytest.raises(ValueError, match=rf"images of shape \({', '.join(map(str, shape))}\), which hold no values"):
+        tiny_vae.encode(torch.zeros(shape))
+    with pytest.raises(ValueError, match="latents of shape .*which hold no values"):
+        tiny_vae.decode(torch.zeros(shape[0], 4, *shape[2:]))
+
+
+def test_encode_names_what_it_got_instead_of_a_tensor(tiny_vae):
+    from PIL import Image
+
+    with pytest.raises(TypeError, match=r"expected images as a torch.Tensor .*got PIL.Image.Image.*pil_to_tensor"):
+        tiny_vae.encode(Image.new("RGB", (8, 8)))
+    with pytest.raises(TypeError, match="expected latents as a torch.Tensor .*got numpy.ndarray"):
+        tiny_vae.decode(torch.zeros(1, 4, 4, 4).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["float64", "float16"])
+def test_every_floating_point_dtype_is_served(tiny_vae, dtype):
+    x = random_images(1, 3, 8, 8)
+    with torch.no_grad():
+        posterior = tiny_vae.encode(x.to(dtype)).latent_dist
+        expected = tiny_vae.encode(x.to(dtype).float()).latent_dist.mean
+        images = tiny_vae.decode(posterior.mean).sample
+    assert posterior.mean.dtype == images.dtype == dtype
+    torch.testing.assert_close(posterior.mean, expected.to(dtype))
+
+
+@pytest.mark.parametrize(
     "name, size, factor", [("two-levels", (15, 16), 2), ("three-levels-no-attention", (16, 18), 4)]
 )
 def test_encode_names_the_downsampling_factor(name, size, factor):
     vae = CustomVAE(**CONFIGS[name][0])
     with pytest.raises(ValueError, match=f"multiples of {factor} .*got {size[0]}x{size[1]}"):
         vae.encode(torch.zeros(1, 3, *size))
+
+
+def test_images_smaller_than_one_latent_get_a_size_they_can_be_resized_to():
+    vae = CustomVAE(**CONFIGS["three-levels-no-attention"][0])
+    with pytest.raises(ValueError, match="got 2x6; resize or crop to e.g. 4x4"):
+        vae.encode(torch.zeros(1, 3, 2, 6))
 
 
 @pytest.mark.parametrize(
