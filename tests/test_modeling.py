@@ -4,7 +4,9 @@ architecture."""
 
 import copy
 import itertools
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -540,21 +542,75 @@ def test_images_smaller_than_one_latent_get_a_size_they_can_be_resized_to():
     "config, message",
     [
         (dict(block_out_channels=(8, 12), norm_num_groups=8), r"multiple of norm_num_groups=8, got \(8, 12\)"),
-        (
-            dict(block_out_channels=(8, 16), norm_num_groups=4, num_attention_heads=3),
-            "16 must be a multiple of num_attention_heads=3",
-        ),
-        (dict(block_out_channels=()), r"at least one entry in block_out_channels .*got block_out_channels=\(\)"),
-        (
-            dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=0),
-            "layers_per_block >= 1.*got .*layers_per_block=0",
-        ),
+        (dict(num_attention_heads=3), "16 must be a multiple of num_attention_heads=3"),
+        (dict(block_out_channels=()), r"block_out_channels must be a non-empty list of positive ints.*got \(\)"),
+        (dict(layers_per_block=0), "layers_per_block must be a positive int, got 0"),
     ],
     ids=["width-vs-groups", "bottleneck-vs-heads", "no-levels", "no-layers"],
 )
 def test_invalid_configs_are_refused(config, message):
     with pytest.raises(ValueError, match=message):
-        CustomVAE(**config)
+        CustomVAE(**{**TWO_LEVELS, **config})
+
+
+# Each of these built a model (or failed in a torch layer, or with a ZeroDivisionError) before it was refused.
+COUNTS = (
+    "in_channels",
+    "out_channels",
+    "latent_channels",
+    "layers_per_block",
+    "norm_num_groups",
+    "num_attention_heads",
+)
+NOT_POSITIVE = [(field, value) for field in COUNTS for value in (0, -2)]
+WRONG_TYPE = [
+    ("layers_per_block", 2.5, "a positive int"),
+    ("in_channels", True, "a positive int"),  # Python's True is the int 1: a typo, not a channel count
+    ("norm_num_groups", 4.0, "a positive int"),
+    ("block_out_channels", (8, 0), "a non-empty list of positive ints"),
+    ("block_out_channels", (-8, 16), "a non-empty list of positive ints"),
+    ("block_out_channels", (8.0, 16), "a non-empty list of positive ints"),
+    ("block_out_channels", 16, "a non-empty list of positive ints"),
+    ("block_out_channels", "8,16", "a non-empty list of positive ints"),
+    ("scaling_factor", float("nan"), "a finite positive number"),
+    ("scaling_factor", float("inf"), "a finite positive number"),
+    ("scaling_factor", 0.0, "a finite positive number"),
+    ("scaling_factor", -0.18, "a finite positive number"),
+    ("scaling_factor", "0.18", "a finite positive number"),
+    ("scaling_factor", True, "a finite positive number"),
+    ("shift_factor", float("nan"), "None or a finite number"),
+    ("mid_block_add_attention", "false", "True or False"),
+    ("force_upcast", 1, "True or False"),
+    ("latent_space", 7, "None or a name"),
+]
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [(field, value, "a positive int") for field, value in NOT_POSITIVE] + WRONG_TYPE,
+)
+def test_configs_out_of_range_or_of_the_wrong_type_are_refused_naming_the_field(field, value, expected):
+    message = rf"CustomVAE config: {field} must be {expected}.*, got {re.escape(repr(value))}\.$"
+    with pytest.raises(ValueError, match=message):
+        CustomVAE(**{**TWO_LEVELS, field: value})
+    with pytest.raises(ValueError, match=rf"{field} must be {expected}"):  # config.json's route in
+        CustomVAE.from_config({**TWO_LEVELS, field: value})
+
+
+def test_numpy_integers_are_refused_before_save_pretrained_would_fail_on_them():
+    """config.json cannot hold numpy integers: the model built, and save_pretrained raised a TypeError."""
+    with pytest.raises(ValueError, match=r"block_out_channels must be a non-empty list of positive ints"):
+        CustomVAE(**{**TWO_LEVELS, "block_out_channels": tuple(np.array([8, 16]))})
+
+
+def test_valid_configs_of_every_accepted_type_still_build():
+    vaes = [
+        CustomVAE(),  # the default: the tutorial's architecture
+        CustomVAE(**{**TWO_LEVELS, "block_out_channels": [8, 16]}),  # a list, as config.json gives it
+        CustomVAE(**{**TWO_LEVELS, "scaling_factor": 1, "shift_factor": 0}),  # ints where numbers are expected
+        CustomVAE(**{**TWO_LEVELS, "scaling_factor": 0.18215, "shift_factor": -0.5, "latent_space": "mine"}),
+    ]
+    assert [vae.downsample_factor for vae in vaes] == [8, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------------- integration
