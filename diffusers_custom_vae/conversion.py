@@ -1,7 +1,10 @@
 """Checkpoints saved with the tutorial's own classes -> `CustomVAE`."""
 
+import io
 import os
 import pickle
+import pickletools
+import zipfile
 
 import torch
 
@@ -10,39 +13,97 @@ from .modeling_custom_vae import CustomVAE
 # Containers that training scripts commonly wrap a state_dict in, and prefixes that wrappers add to its keys.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "vae")
 _KEY_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_WEIGHTS_NAME = "diffusion_pytorch_model"  # what save_pretrained names weight files, with or without shards
 
 
 def load_tutorial_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Reads a `.pt`/`.pth` state_dict of the tutorial's `VAE` safely (`weights_only=True`, no code runs).
 
-    Unwraps `{"state_dict": ...}`-style containers and strips `module.` / `_orig_mod.` key prefixes.
+    Unwraps `{"state_dict": ...}`-style containers and strips `module.` / `_orig_mod.` key prefixes. Refuses
+    pickles of anything but tensors, and tensors that are not floating point or not finite.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is a folder, not a checkpoint file (.pt/.pth).")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint file at {path!r}.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable files: name the file and the likely cause
-        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        # torch's own message suggests weights_only=False, the very thing that would run the file's code.
+        if isinstance(error, pickle.UnpicklingError) and (names := _pickled_globals(path)) is not None:
+            refers_to = f": it refers to {', '.join(names[:5])}" if names else ""
             raise ValueError(
-                f"{path!r} holds pickled Python objects, not only tensors (was it saved with torch.save(model)?). "
-                "Loading it could run arbitrary code, so it is refused: re-save it with "
+                f"{path!r} is a pickle that torch.load(weights_only=True) cannot read as tensors{refers_to}. Loading "
+                "it in full could run arbitrary code, so it was refused for safety, not read. If you trust it and it "
+                "holds the model (torch.save(model)), load it yourself and re-save the weights with "
                 "torch.save(model.state_dict(), path)."
-            ) from error
+            ) from None
+        detail = "" if isinstance(error, pickle.UnpicklingError) else str(error).strip().split("\n")[0].split(". ")[0]
         raise ValueError(
-            f"{path!r} is truncated or not a PyTorch checkpoint ({type(error).__name__}: {error})"
+            f"{path!r} is truncated or not a PyTorch checkpoint ({type(error).__name__}{': ' if detail else ''}"
+            f"{detail})."
         ) from error
     for key in _CONTAINER_KEYS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path!r} does not hold a state_dict (a dict of tensors).")
+    # load_state_dict would cast integer (e.g. quantized) weights to float without a word, and copy NaN as is.
+    not_float = [f"{name} ({tensor.dtype})" for name, tensor in checkpoint.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise ValueError(
+            f"{path!r} holds tensors that are not floating point: {_some(sorted(not_float))}. The tutorial's weights "
+            "are float; casting these would change their meaning (a quantized checkpoint needs dequantizing first)."
+        )
+    not_finite = sorted(name for name, tensor in checkpoint.items() if not torch.isfinite(tensor).all())
+    if not_finite:
+        raise ValueError(
+            f"{path!r} has NaN or infinite values in {_some(not_finite)}: the training that saved it diverged. "
+            "Convert an earlier checkpoint."
+        )
     state_dict = {}
     for name, tensor in checkpoint.items():
         for prefix in _KEY_PREFIXES:
             name = name.removeprefix(prefix)
         state_dict[name] = tensor
     return state_dict
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    return str(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _pickled_globals(path: str) -> list[str] | None:
+    """The Python objects (`module.name`) a pickle would import, beyond those that rebuild tensors; read with
+    pickletools, which runs nothing. Looks inside torch.save's zip archive, and through the legacy format's
+    sequence of pickles. `None` when the file does not start with a complete pickle (garbage, truncated)."""
+    found, complete = [], 0
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                stream = io.BytesIO(archive.read(data[0]))
+        else:
+            stream = open(path, "rb")
+        with stream:
+            while stream.read(1):  # one pickle after another, to the end of the file
+                stream.seek(-1, io.SEEK_CUR)
+                strings = []  # STACK_GLOBAL takes the module and the name from the two strings pushed before it
+                for opcode, argument, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(argument.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(".".join(strings[-2:]))
+                    elif isinstance(argument, str):
+                        strings.append(argument)
+                complete += 1
+    except Exception:  # anything that does not parse ends the scan: a legacy file's raw tensor data, or garbage
+        pass
+    if not complete:
+        return None
+    tensor_globals = ("collections.OrderedDict", "torch._utils.", "__builtin__.set", "builtins.set")
+    return sorted({name for name in found if not name.startswith(tensor_globals) and not name.endswith("Storage")})
 
 
 def convert_tutorial_checkpoint(
@@ -60,7 +121,12 @@ def convert_tutorial_checkpoint(
 
     Returns:
         `CustomVAE`: the converted model, in eval mode.
+
+    Raises `FileExistsError`, before reading anything, when `output_dir` is a file or lies inside one, or already
+    holds a saved model (nothing is overwritten); `ValueError` when the checkpoint is not the tutorial's weights.
     """
+    if output_dir is not None:
+        _check_output_dir(output_dir)
     state_dict = load_tutorial_state_dict(checkpoint_path)
     shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
     try:
@@ -92,3 +158,23 @@ def convert_tutorial_checkpoint(
     if output_dir is not None:
         vae.save_pretrained(output_dir)
     return vae
+
+
+def _check_output_dir(output_dir: str | os.PathLike):
+    """Refuses a folder that `save_pretrained` would not write (a file, where it only logs an error and returns, or
+    a path inside a file), or that already holds a saved model, which it would overwrite."""
+    path = os.path.abspath(output_dir)
+    nearest = path
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise FileExistsError(
+            f"Cannot write the model to {os.fspath(output_dir)!r}: {nearest!r} is a file, not a folder."
+        )
+    if nearest == path:
+        saved = sorted(name for name in os.listdir(path) if name == "config.json" or name.startswith(_WEIGHTS_NAME))
+        if saved:
+            raise FileExistsError(
+                f"{os.fspath(output_dir)!r} already holds a saved model ({', '.join(saved)}), which converting into "
+                "it would overwrite: choose another folder, or remove those files first."
+            )

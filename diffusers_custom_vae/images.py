@@ -9,21 +9,42 @@ from PIL import Image, ImageOps
 
 
 def load_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Opens an image (a path or a binary file object) as RGB: greyscale, palette and alpha converted, EXIF rotation
-    applied.
+    """Opens an image (a path or a binary file object) as 8-bit RGB: greyscale, palette, 16-bit and float converted,
+    alpha and transparent colours composited onto white, EXIF rotation applied.
 
-    Raises `ValueError` naming the file when it is missing, truncated or not an image.
+    16-bit images are scaled to 8 bits (65535 -> 255); float images (mode "F") must hold values in [0, 1], and 32-bit
+    integer ones (mode "I") values in [0, 65535], the range of the 16-bit PNGs that older Pillow opens in that mode.
+
+    Raises `ValueError` naming the file when it is missing, truncated, not an image, or of values outside that range.
     """
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                image = image.convert("RGBA")  # composite alpha onto white, not black
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _scale_to_8_bits(image)  # convert() would clip: every level above 255 would become white
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = image.convert("RGBA")  # composite alpha (or the transparent colour) onto white, not black
                 return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
             return image.convert("RGB")  # convert() reads every pixel: truncated files fail here
     except (OSError, SyntaxError, ValueError) as error:
         name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "image data")
         raise ValueError(f"Cannot read image {name!r}: {error}") from error
+
+
+def _scale_to_8_bits(image: Image.Image) -> Image.Image:
+    """A greyscale image of mode I;16 (any byte order), I or F -> L, or LA where one grey level is transparent."""
+    levels = np.asarray(image)
+    top = 1.0 if image.mode == "F" else 65535
+    if not np.isfinite(levels).all():
+        raise ValueError(f"a mode {image.mode} image holding NaN or infinite values")
+    low, high = levels.min().item(), levels.max().item()
+    if low < 0 or high > top:
+        raise ValueError(f"a mode {image.mode} image with values in [{low:g}, {high:g}]; expected [0, {top:g}]")
+    grey = Image.fromarray(np.rint(levels.astype(np.float32) * (255 / top)).astype(np.uint8))
+    transparent = image.info.get("transparency")  # a 16-bit level: compared before scaling merges its neighbours
+    if transparent is None:
+        return grey
+    return Image.merge("LA", (grey, Image.fromarray(np.where(levels == transparent, 0, 255).astype(np.uint8))))
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Latent statistics: the scaling factor (and shift) that give a diffusion model unit-variance latents."""
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -33,8 +34,16 @@ def _check_images(images, in_channels: int) -> torch.Tensor:
             f"estimate_scaling_factor expected tensors of images, got a batch of type {type(images).__name__}; "
             "pass e.g. `(batch['pixel_values'] for batch in dataloader)`."
         )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"estimate_scaling_factor expected floating-point images in [-1, 1], got {images.dtype}; convert them "
+            "with `diffusers_custom_vae.images.pil_to_tensor` (or x / 127.5 - 1 for 0-255 pixels)."
+        )
     if images.ndim != 4 or images.shape[1] != in_channels:
         raise ValueError(f"Expected images of shape (batch, {in_channels}, height, width), got {tuple(images.shape)}.")
+    non_finite = images.numel() - torch.isfinite(images).sum().item()
+    if non_finite:  # min and max below would not see NaN, and NaN latents would give a NaN scaling factor
+        raise ValueError(f"These images hold {non_finite} NaN or infinite values; expected values in [-1, 1].")
     low, high = images.min().item(), images.max().item()
     if low < -1.001 or high > 1.001:
         raise ValueError(
@@ -81,6 +90,12 @@ def estimate_scaling_factor(
     for batch in batches:
         batch = _check_images(batch, vae.config.in_channels).to(vae.device)
         moments.update(vae.encode(batch).latent_dist.sample(generator=generator))
+        if not (math.isfinite(moments.mean) and math.isfinite(moments.std)):  # stop at the first bad batch
+            raise ValueError(
+                f"The latents of these images are not finite (NaN or infinite) with this {type(vae).__name__}: are "
+                "its weights finite, and does its dtype hold its activations (float16 overflows where float32 "
+                "does not)?"
+            )
     if moments.count == 0:
         raise ValueError("estimate_scaling_factor needs at least one batch of images; the iterable was empty.")
     if moments.std == 0:

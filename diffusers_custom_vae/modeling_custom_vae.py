@@ -277,7 +277,7 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         latent_space: str | None = None,
     ):
         super().__init__()
-        _check_config(block_out_channels, layers_per_block, norm_num_groups, num_attention_heads)
+        _check_config(self.config)  # register_to_config has recorded every argument by now
         shared = dict(
             latent_channels=latent_channels,
             block_out_channels=tuple(block_out_channels),
@@ -327,16 +327,29 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_tiling = True
 
     def _check_input(self, x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
+        if not isinstance(x, torch.Tensor):
+            hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
+            raise TypeError(
+                f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
+                f"{type(x).__module__}.{type(x).__qualname__}{hint}."
+            )
+        # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
+        # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
+        if not x.is_floating_point():
+            hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
+            raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(
                 f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
             )
+        if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
+            raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
         height, width = x.shape[-2:]
         if height % spatial_multiple or width % spatial_multiple:
             m = spatial_multiple
             raise ValueError(
                 f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
-                f"resize or crop to e.g. {height // m * m}x{width // m * m}."
+                f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
             )
 
     def _tiled(self, fn, x: torch.Tensor, scale_in: int, scale_out: int) -> torch.Tensor:
@@ -543,20 +556,38 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         )
 
 
-def _check_config(block_out_channels, layers_per_block, norm_num_groups, num_attention_heads):
-    if len(block_out_channels) < 1 or layers_per_block < 1:
+def _check_config(config):
+    """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
+    ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
+
+    def refuse(field: str, expected: str):
+        raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
+
+    # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
+    is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
+    is_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    counts = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups")
+    for field in (*counts, "num_attention_heads"):
+        if not (is_int(config[field]) and config[field] >= 1):
+            refuse(field, "a positive int")
+    widths = config["block_out_channels"]
+    if not (isinstance(widths, (list, tuple)) and widths and all(is_int(w) and w >= 1 for w in widths)):
+        refuse("block_out_channels", "a non-empty list of positive ints (one width per resolution)")
+    for field in ("mid_block_add_attention", "force_upcast"):
+        if not isinstance(config[field], bool):
+            refuse(field, "True or False")
+    if not (is_number(config["scaling_factor"]) and config["scaling_factor"] > 0):
+        refuse("scaling_factor", "a finite positive number")
+    if config["shift_factor"] is not None and not is_number(config["shift_factor"]):
+        refuse("shift_factor", "None or a finite number")
+    if config["latent_space"] is not None and not isinstance(config["latent_space"], str):
+        refuse("latent_space", "None or a name (a str)")
+
+    groups, heads = config["norm_num_groups"], config["num_attention_heads"]
+    if any(width % groups for width in widths):
         raise ValueError(
-            f"CustomVAE needs at least one entry in block_out_channels and layers_per_block >= 1, "
-            f"got block_out_channels={tuple(block_out_channels)}, layers_per_block={layers_per_block}."
+            f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
         )
-    for width in block_out_channels:
-        if width % norm_num_groups:
-            raise ValueError(
-                f"Every width in block_out_channels must be a multiple of norm_num_groups={norm_num_groups}, "
-                f"got {tuple(block_out_channels)}."
-            )
-    if block_out_channels[-1] % num_attention_heads:
-        raise ValueError(
-            f"The bottleneck width {block_out_channels[-1]} must be a multiple of "
-            f"num_attention_heads={num_attention_heads}."
-        )
+    if widths[-1] % heads:
+        raise ValueError(f"The bottleneck width {widths[-1]} must be a multiple of num_attention_heads={heads}.")

@@ -14,8 +14,9 @@ import math
 import warnings
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 
 from .modeling_custom_vae import CustomVAE, downsample_factor_of
 
@@ -106,7 +107,34 @@ def swap_vae(pipe, vae):
     return pipe
 
 
+def _is_vae(value) -> bool:
+    return (
+        isinstance(value, ModelMixin)
+        and callable(getattr(value, "encode", None))
+        and callable(getattr(value, "decode", None))
+    )
+
+
+def _describe(value) -> str:
+    """What a wrong argument is, in words: "None", "the str 'x'", "a UNet2DConditionModel"."""
+    if value is None:
+        return "None"
+    return f"the str {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def _check_compatible(pipe, vae):
+    # Arguments of the wrong kind would fail deep inside (AttributeError on `components` or `config`), or as a
+    # ValueError about a missing config field.
+    if not isinstance(pipe, DiffusionPipeline):
+        hint = " (the pipeline comes first: swap_vae(pipe, vae))" if _is_vae(pipe) else ""
+        hint = " (load it first, e.g. with DiffusionPipeline.from_pretrained)" if isinstance(pipe, str) else hint
+        raise TypeError(f"swap_vae expected a diffusers pipeline as `pipe`, got {_describe(pipe)}{hint}.")
+    if not _is_vae(vae):
+        hint = f" (load it first: CustomVAE.from_pretrained({vae!r}))" if isinstance(vae, str) else ""
+        raise TypeError(
+            "swap_vae expected a VAE (a diffusers model with `encode` and `decode`, such as a CustomVAE or an "
+            f"AutoencoderKL) as `vae`, got {_describe(vae)}{hint}."
+        )
     pipeline, vae_name = type(pipe).__name__, type(vae).__name__
     unet = getattr(pipe, "unet", None)
     if unet is None or "vae" not in pipe.components:

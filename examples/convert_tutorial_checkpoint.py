@@ -17,7 +17,10 @@ def main(argv=None):
     parser.add_argument("--scaling_factor", type=float, default=None, help="record this latent scaling factor")
     args = parser.parse_args(argv)
     config = {} if args.scaling_factor is None else {"scaling_factor": args.scaling_factor}
-    vae = convert_tutorial_checkpoint(args.checkpoint, args.output_dir, **config)
+    try:  # the library refuses a bad output folder first, and writes only once everything checked out
+        vae = convert_tutorial_checkpoint(args.checkpoint, args.output_dir, **config)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     parameters = sum(p.numel() for p in vae.parameters())
     print(
         f"Wrote {args.output_dir}: CustomVAE with {parameters / 1e6:.2f}M parameters. Load it with "

@@ -89,13 +89,36 @@ def test_register_writes_the_config_and_save_pretrained_keeps_it(wide_vae, tmp_p
         (torch.zeros(2, 1, 32, 32), ValueError, r"shape \(batch, 3, height, width\), got \(2, 1, 32, 32\)"),
         ([], ValueError, "at least one batch"),
         ([{"pixel_values": torch.zeros(2, 3, 32, 32)}], TypeError, "got a batch of type dict"),
+        (torch.full((2, 3, 32, 32), float("nan")), ValueError, "images hold 6144 NaN or infinite values"),
+        (
+            [blocky_images(0), blocky_images(1).index_fill(2, torch.tensor([3]), float("inf"))],
+            ValueError,
+            "hold 768 NaN",
+        ),
+        (
+            torch.ones(2, 3, 32, 32, dtype=torch.uint8),
+            TypeError,
+            r"floating-point images in \[-1, 1\], got torch.uint8",
+        ),
     ],
-    ids=["0-255 pixels", "grey images", "empty iterable", "dict batches"],
+    ids=["0-255 pixels", "grey images", "empty iterable", "dict batches", "NaN images", "inf in a batch", "uint8"],
 )
 def test_bad_images_are_refused_clearly(tiny_vae, images, error, message):
     with pytest.raises(error, match=message):
         estimate_scaling_factor(tiny_vae, images, register=True)
-    assert tiny_vae.config.scaling_factor == 1.0
+    assert tiny_vae.config.scaling_factor == 1.0 and tiny_vae.config.shift_factor is None
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["NaN", "inf"])
+def test_non_finite_latents_are_refused_and_nothing_is_registered(wide_vae, tmp_path, bad_value):
+    """A VAE with a broken weight (or float16 overflow) encodes finite images into NaN or infinite latents."""
+    with torch.no_grad():
+        wide_vae.encoder.conv_out.bias[0] = bad_value
+    with pytest.raises(ValueError, match=r"latents of these images are not finite \(NaN or infinite\)"):
+        estimate_scaling_factor(wide_vae, blocky_images(0), shift=True, register=True)
+    wide_vae.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    assert '"scaling_factor": 1.0' in config and '"shift_factor": null' in config
 
 
 def test_constant_latents_have_no_scaling_factor(deterministic_vae):

@@ -4,7 +4,9 @@ architecture."""
 
 import copy
 import itertools
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -481,6 +483,47 @@ def test_decode_names_the_expected_latent_channel_count(tiny_vae):
 
 
 @pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int64, torch.bool, torch.complex64], ids=["uint8", "int64", "bool", "complex64"]
+)
+def test_encode_and_decode_refuse_tensors_that_are_not_real_floating_point(tiny_vae, dtype):
+    """Cast to the VAE's dtype, 0-255 pixels would become a silently wrong posterior (uint8: mean all 0)."""
+    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+        tiny_vae.encode(torch.ones(1, 3, 8, 8, dtype=dtype))
+    with pytest.raises(TypeError, match=f"latents of a floating-point dtype.*got {dtype}"):
+        tiny_vae.decode(torch.ones(1, 4, 4, 4, dtype=dtype))
+    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+        tiny_vae(torch.ones(1, 3, 8, 8, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (1, 3, 0, 8)], ids=["empty batch", "no rows"])
+def test_empty_inputs_are_refused_clearly(tiny_vae, shape):
+    with pytest.raises(ValueError, match=rf"images of shape \({', '.join(map(str, shape))}\), which hold no values"):
+        tiny_vae.encode(torch.zeros(shape))
+    with pytest.raises(ValueError, match="latents of shape .*which hold no values"):
+        tiny_vae.decode(torch.zeros(shape[0], 4, *shape[2:]))
+
+
+def test_encode_names_what_it_got_instead_of_a_tensor(tiny_vae):
+    from PIL import Image
+
+    with pytest.raises(TypeError, match=r"expected images as a torch.Tensor .*got PIL.Image.Image.*pil_to_tensor"):
+        tiny_vae.encode(Image.new("RGB", (8, 8)))
+    with pytest.raises(TypeError, match="expected latents as a torch.Tensor .*got numpy.ndarray"):
+        tiny_vae.decode(torch.zeros(1, 4, 4, 4).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["float64", "float16"])
+def test_every_floating_point_dtype_is_served(tiny_vae, dtype):
+    x = random_images(1, 3, 8, 8)
+    with torch.no_grad():
+        posterior = tiny_vae.encode(x.to(dtype)).latent_dist
+        expected = tiny_vae.encode(x.to(dtype).float()).latent_dist.mean
+        images = tiny_vae.decode(posterior.mean).sample
+    assert posterior.mean.dtype == images.dtype == dtype
+    torch.testing.assert_close(posterior.mean, expected.to(dtype))
+
+
+@pytest.mark.parametrize(
     "name, size, factor", [("two-levels", (15, 16), 2), ("three-levels-no-attention", (16, 18), 4)]
 )
 def test_encode_names_the_downsampling_factor(name, size, factor):
@@ -489,25 +532,85 @@ def test_encode_names_the_downsampling_factor(name, size, factor):
         vae.encode(torch.zeros(1, 3, *size))
 
 
+def test_images_smaller_than_one_latent_get_a_size_they_can_be_resized_to():
+    vae = CustomVAE(**CONFIGS["three-levels-no-attention"][0])
+    with pytest.raises(ValueError, match="got 2x6; resize or crop to e.g. 4x4"):
+        vae.encode(torch.zeros(1, 3, 2, 6))
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
         (dict(block_out_channels=(8, 12), norm_num_groups=8), r"multiple of norm_num_groups=8, got \(8, 12\)"),
-        (
-            dict(block_out_channels=(8, 16), norm_num_groups=4, num_attention_heads=3),
-            "16 must be a multiple of num_attention_heads=3",
-        ),
-        (dict(block_out_channels=()), r"at least one entry in block_out_channels .*got block_out_channels=\(\)"),
-        (
-            dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=0),
-            "layers_per_block >= 1.*got .*layers_per_block=0",
-        ),
+        (dict(num_attention_heads=3), "16 must be a multiple of num_attention_heads=3"),
+        (dict(block_out_channels=()), r"block_out_channels must be a non-empty list of positive ints.*got \(\)"),
+        (dict(layers_per_block=0), "layers_per_block must be a positive int, got 0"),
     ],
     ids=["width-vs-groups", "bottleneck-vs-heads", "no-levels", "no-layers"],
 )
 def test_invalid_configs_are_refused(config, message):
     with pytest.raises(ValueError, match=message):
-        CustomVAE(**config)
+        CustomVAE(**{**TWO_LEVELS, **config})
+
+
+# Each of these built a model (or failed in a torch layer, or with a ZeroDivisionError) before it was refused.
+COUNTS = (
+    "in_channels",
+    "out_channels",
+    "latent_channels",
+    "layers_per_block",
+    "norm_num_groups",
+    "num_attention_heads",
+)
+NOT_POSITIVE = [(field, value) for field in COUNTS for value in (0, -2)]
+WRONG_TYPE = [
+    ("layers_per_block", 2.5, "a positive int"),
+    ("in_channels", True, "a positive int"),  # Python's True is the int 1: a typo, not a channel count
+    ("norm_num_groups", 4.0, "a positive int"),
+    ("block_out_channels", (8, 0), "a non-empty list of positive ints"),
+    ("block_out_channels", (-8, 16), "a non-empty list of positive ints"),
+    ("block_out_channels", (8.0, 16), "a non-empty list of positive ints"),
+    ("block_out_channels", 16, "a non-empty list of positive ints"),
+    ("block_out_channels", "8,16", "a non-empty list of positive ints"),
+    ("scaling_factor", float("nan"), "a finite positive number"),
+    ("scaling_factor", float("inf"), "a finite positive number"),
+    ("scaling_factor", 0.0, "a finite positive number"),
+    ("scaling_factor", -0.18, "a finite positive number"),
+    ("scaling_factor", "0.18", "a finite positive number"),
+    ("scaling_factor", True, "a finite positive number"),
+    ("shift_factor", float("nan"), "None or a finite number"),
+    ("mid_block_add_attention", "false", "True or False"),
+    ("force_upcast", 1, "True or False"),
+    ("latent_space", 7, "None or a name"),
+]
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [(field, value, "a positive int") for field, value in NOT_POSITIVE] + WRONG_TYPE,
+)
+def test_configs_out_of_range_or_of_the_wrong_type_are_refused_naming_the_field(field, value, expected):
+    message = rf"CustomVAE config: {field} must be {expected}.*, got {re.escape(repr(value))}\.$"
+    with pytest.raises(ValueError, match=message):
+        CustomVAE(**{**TWO_LEVELS, field: value})
+    with pytest.raises(ValueError, match=rf"{field} must be {expected}"):  # config.json's route in
+        CustomVAE.from_config({**TWO_LEVELS, field: value})
+
+
+def test_numpy_integers_are_refused_before_save_pretrained_would_fail_on_them():
+    """config.json cannot hold numpy integers: the model built, and save_pretrained raised a TypeError."""
+    with pytest.raises(ValueError, match=r"block_out_channels must be a non-empty list of positive ints"):
+        CustomVAE(**{**TWO_LEVELS, "block_out_channels": tuple(np.array([8, 16]))})
+
+
+def test_valid_configs_of_every_accepted_type_still_build():
+    vaes = [
+        CustomVAE(),  # the default: the tutorial's architecture
+        CustomVAE(**{**TWO_LEVELS, "block_out_channels": [8, 16]}),  # a list, as config.json gives it
+        CustomVAE(**{**TWO_LEVELS, "scaling_factor": 1, "shift_factor": 0}),  # ints where numbers are expected
+        CustomVAE(**{**TWO_LEVELS, "scaling_factor": 0.18215, "shift_factor": -0.5, "latent_space": "mine"}),
+    ]
+    assert [vae.downsample_factor for vae in vaes] == [8, 2, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------------- integration

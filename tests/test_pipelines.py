@@ -159,6 +159,12 @@ class VAEWithoutBlocks(ModelMixin, ConfigMixin):
     def __init__(self, latent_channels: int = 4):
         super().__init__()
 
+    def encode(self, x):
+        raise NotImplementedError
+
+    def decode(self, z):
+        raise NotImplementedError
+
 
 @pytest.mark.parametrize(
     "pipeline_class, vae, message",
@@ -189,6 +195,39 @@ def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_cl
     with pytest.raises(ValueError, match=message):
         swap_vae(pipe, vae)
     assert pipe.vae is old_vae and pipe.image_processor is old_processor and pipe.vae_scale_factor == 8
+
+
+@pytest.mark.parametrize(
+    "not_a_vae, message",
+    [
+        (lambda pipe: pipe.unet, "got a UNet2DConditionModel"),
+        (lambda pipe: pipe.text_encoder, "got a CLIPTextModel"),
+        (lambda pipe: "my-vae", r"got the str 'my-vae' \(load it first: CustomVAE.from_pretrained\('my-vae'\)\)"),
+        (lambda pipe: None, "got None"),
+        (lambda pipe: pipe, "got a StableDiffusionPipeline"),
+    ],
+    ids=["unet", "text encoder", "repo id", "None", "pipeline"],
+)
+def test_what_is_not_a_vae_is_refused_with_a_type_error_naming_it(not_a_vae, message):
+    pipe = tiny_pipeline()
+    old_vae, old_processor = pipe.vae, pipe.image_processor
+    with pytest.raises(TypeError, match=rf"swap_vae expected a VAE .*as `vae`, {message}"):
+        swap_vae(pipe, not_a_vae(pipe))
+    assert pipe.vae is old_vae and pipe.image_processor is old_processor
+
+
+@pytest.mark.parametrize(
+    "not_a_pipeline, message",
+    [
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "got the str 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
+        (None, "got None"),
+        (tiny_custom_vae(), r"got a CustomVAE \(the pipeline comes first: swap_vae\(pipe, vae\)\)"),
+    ],
+    ids=["repo id", "None", "arguments swapped"],
+)
+def test_what_is_not_a_pipeline_is_refused_with_a_type_error_naming_it(not_a_pipeline, message):
+    with pytest.raises(TypeError, match=rf"swap_vae expected a diffusers pipeline as `pipe`, {message}"):
+        swap_vae(not_a_pipeline, tiny_custom_vae())
 
 
 def test_a_pipeline_without_unet_and_vae_is_refused():

@@ -1,0 +1,126 @@
+"""`load_image` on real files of every bit depth PIL can open: 16-bit and float images are scaled to 8 bits, not
+clipped; alpha and transparent colours are composited onto white."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_custom_vae.images import load_image
+
+# 16-bit levels and the 8-bit levels they scale to (round(v * 255 / 65535)); 65535 and 256 alike clipped to 255.
+LEVELS_16 = np.array([[0, 256, 1000, 16448, 32896, 65535]], dtype=np.uint16)
+LEVELS_8 = [0, 1, 4, 64, 128, 255]
+
+
+def write_png(path, samples: np.ndarray, colour_type: int):
+    """A 16-bit PNG of (H, W, C) samples, written by hand: PIL writes 16-bit greyscale but not 16-bit colour.
+    Colour types: 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter 0 before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+
+
+def pixels(path) -> np.ndarray:
+    image = load_image(path)
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize(
+    "write, mode",
+    [
+        (lambda path: Image.fromarray(LEVELS_16).save(path.with_suffix(".png")), "I;16"),
+        (lambda path: Image.fromarray(LEVELS_16.astype(">u2")).save(path.with_suffix(".tiff")), "I;16B"),
+        (lambda path: Image.fromarray(LEVELS_16.astype(np.int32)).save(path.with_suffix(".tiff")), "I"),
+    ],
+    ids=["16-bit PNG", "16-bit big-endian TIFF", "32-bit integer TIFF"],
+)
+def test_16_bit_greyscale_is_scaled_not_clipped_to_white(tmp_path, write, mode):
+    write(tmp_path / "grey")
+    (path,) = tmp_path.iterdir()
+    with Image.open(path) as opened:
+        assert opened.mode == mode  # the mode this test means to cover
+    grey = pixels(path)
+    assert grey[0, :, 0].tolist() == LEVELS_8
+    assert (grey == grey[..., :1]).all()  # grey stays grey
+
+
+def test_16_bit_greyscale_with_a_transparent_level_composites_it_onto_white(tmp_path):
+    Image.fromarray(LEVELS_16).save(tmp_path / "grey.png", transparency=1000)
+    assert pixels(tmp_path / "grey.png")[0, :, 0].tolist() == [0, 1, 255, 64, 128, 255]
+
+
+OPAQUE = np.full_like(LEVELS_16, 65535)
+
+
+@pytest.mark.parametrize(
+    "colour_type, channels",
+    [(2, [LEVELS_16, LEVELS_16 // 2, 65535 - LEVELS_16]), (4, [LEVELS_16, OPAQUE]), (6, [LEVELS_16] * 3 + [OPAQUE])],
+    ids=["RGB", "grey + alpha", "RGBA"],
+)
+def test_16_bit_colour_and_alpha_are_scaled(tmp_path, colour_type, channels):
+    """PIL opens these as 8-bit RGB, LA or RGBA itself (it keeps the high byte); this guards that it still does."""
+    write_png(tmp_path / "image.png", np.stack(channels, axis=-1), colour_type)
+    image = pixels(tmp_path / "image.png").astype(int)
+    assert np.abs(image[0, :, 0] - LEVELS_8).max() <= 1
+    if colour_type == 2:
+        assert np.abs(image[0, :, 2] - (255 - np.array(LEVELS_8))).max() <= 1
+
+
+def test_16_bit_alpha_composites_onto_white(tmp_path):
+    grey, alpha = np.zeros_like(LEVELS_16), LEVELS_16  # black, from transparent to opaque
+    write_png(tmp_path / "image.png", np.stack([grey, alpha], axis=-1), 4)
+    assert np.abs(pixels(tmp_path / "image.png")[0, :, 0].astype(int) - (255 - np.array(LEVELS_8))).max() <= 1
+
+
+def test_float_images_in_0_1_are_scaled(tmp_path):
+    values = np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tiff")
+    assert pixels(tmp_path / "float.tiff")[0, :, 0].tolist() == [0, 64, 128, 255]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (np.array([[0.0, 2.5]], dtype=np.float32), r"mode F .*values in \[0, 2.5\]; expected \[0, 1\]"),
+        (np.array([[0.0, np.nan]], dtype=np.float32), r"mode F .*NaN or infinite"),
+        (np.array([[-1, 70000]], dtype=np.int32), r"mode I .*values in \[-1, 70000\]; expected \[0, 65535\]"),
+    ],
+    ids=["float beyond 1", "float NaN", "integers beyond 16 bits"],
+)
+def test_values_of_an_unknown_scale_are_refused_naming_the_file_and_range(tmp_path, values, message):
+    Image.fromarray(values).save(tmp_path / "odd.tiff")
+    with pytest.raises(ValueError, match=rf"Cannot read image '.*odd.tiff': a {message}"):
+        load_image(tmp_path / "odd.tiff")
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8)), [0, 128, 255]),
+        (Image.fromarray(np.array([[[0, 9, 9], [128, 9, 9], [255, 9, 9]]], dtype=np.uint8)), [0, 128, 255]),
+        (Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8)).convert("P"), [0, 128, 255]),
+    ],
+    ids=["L", "RGB", "P"],
+)
+def test_8_bit_images_are_read_as_they_are(tmp_path, image, expected):
+    image.save(tmp_path / "image.png")
+    assert pixels(tmp_path / "image.png")[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("mode, transparent", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_composites_onto_white_as_alpha_does(tmp_path, mode, transparent):
+    """PNG's tRNS colour in greyscale and RGB images, as palette images already had it: black became visible."""
+    Image.fromarray(np.array([[0, 128]], dtype=np.uint8)).convert(mode).save(
+        tmp_path / "t.png", transparency=transparent
+    )
+    assert pixels(tmp_path / "t.png")[0, :, 0].tolist() == [255, 128]
