@@ -201,7 +201,7 @@ def test_truncated_weights_file_is_an_oserror(saved, kept):
     [
         (dict(latent_channels=3), "conv_in.weight"),  # same modules, other shapes
         (dict(layers_per_block=2), "decoder.blocks"),  # other modules at the same names
-        (dict(mid_block_add_attention=False), "expected shape"),  # fewer modules: later ones shift onto other shapes
+        (dict(mid_block_add_attention=False), "mismatched shapes"),  # fewer modules: later ones shift onto others
     ],
     ids=["latent-channels", "layers-per-block", "no-attention"],
 )
@@ -243,3 +243,115 @@ def test_folder_that_does_not_exist_is_an_oserror(tmp_path, network_attempts):
     with pytest.raises(OSError, match="not the path to a directory"):
         CustomVAE.from_pretrained(tmp_path / "no-such-folder")
     assert network_attempts == []
+
+
+def test_weights_are_checked_whatever_diffusers_says(saved, monkeypatch):
+    """The checks read the files: they neither match nor need the words of diffusers' errors."""
+    from diffusers import ModelMixin
+
+    def reworded(cls, *args, **kwargs):
+        raise RuntimeError("a message diffusers never wrote")
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(reworded))
+    with pytest.raises(RuntimeError, match="never wrote"):  # nothing wrong in the files: diffusers' error stands
+        CustomVAE.from_pretrained(saved)
+    edit_config(saved, latent_channels=3)
+    with pytest.raises(ValueError, match="don't fit its config.json .*conv_in.weight") as error:
+        CustomVAE.from_pretrained(saved)
+    assert isinstance(error.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64], ids=["int8", "bool", "int64"])
+@pytest.mark.parametrize("torch_dtype", [None, torch.float16], ids=["as-saved", "float16"])
+def test_weights_that_are_not_floating_point_are_refused(saved, dtype, torch_dtype):
+    def edit(state):
+        state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].to(dtype)
+
+    edit_weights(saved, edit)
+    with pytest.raises(ValueError, match=rf"not floating-point: decoder.conv_out.weight \({dtype}\)"):
+        CustomVAE.from_pretrained(saved, torch_dtype=torch_dtype)
+
+
+def test_weights_that_overflow_torch_dtype_are_refused(saved):
+    def edit(state):
+        state["encoder.conv_out.bias"][0] = 1e6  # finite in float32, inf in float16 (largest: 65504)
+
+    edit_weights(saved, edit)
+    assert CustomVAE.from_pretrained(saved).encoder.conv_out.bias[0] == 1e6
+    with pytest.raises(ValueError, match=r"\['encoder.conv_out.bias'\] are too large for torch_dtype=torch.float16"):
+        CustomVAE.from_pretrained(saved, torch_dtype=torch.float16)
+
+
+def save_as_pickle(folder: Path, payload) -> None:
+    """Replaces the safetensors file with a `.bin` written by torch.save, which diffusers reads when no safetensors
+    file is there."""
+    (folder / WEIGHTS).unlink()
+    torch.save(payload, folder / "diffusion_pytorch_model.bin")
+
+
+def test_pickled_state_dict_loads_with_the_same_weights(saved, tiny_vae):
+    save_as_pickle(saved, tiny_vae.state_dict())
+    assert_same_weights(CustomVAE.from_pretrained(saved), tiny_vae)
+
+
+def test_pickle_holding_python_objects_is_refused_for_safety(saved, tiny_vae):
+    save_as_pickle(saved, {**tiny_vae.state_dict(), "model": torch.nn.Linear(2, 2)})
+    with pytest.raises(OSError, match=r"is a pickle that holds Python objects .*Linear.*refused for safety") as error:
+        CustomVAE.from_pretrained(saved)
+    assert "truncated" not in str(error.value)
+
+
+def test_sharded_checkpoint_is_checked_shard_by_shard(tmp_path, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path, max_shard_size="4KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    assert_same_weights(CustomVAE.from_pretrained(tmp_path), tiny_vae)
+
+    state = load_file(shards[-1])
+    name = next(iter(state))
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, shards[-1], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"NaN or inf weights in \\['{name}'\\]"):
+        CustomVAE.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- device_map
+
+
+def assert_same_outputs(vae: CustomVAE, expected: CustomVAE):
+    x = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae(x).sample, expected(x).sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "device_map_kwargs",
+    [
+        dict(device_map="auto", max_memory={"cpu": 2_000}),  # room for no weight: all go to the disk
+        dict(device_map={"encoder": "cpu", "decoder": "disk"}),
+    ],
+    ids=["auto-small-max-memory", "encoder-cpu-decoder-disk"],
+)
+def test_device_map_with_offload_gives_the_outputs_of_a_plain_load(tmp_path, saved, tiny_vae, device_map_kwargs):
+    """As diffusers tests its models' CPU and disk offload: outputs identical to the model loaded whole."""
+    offload_folder = tmp_path / "offload"
+    vae = CustomVAE.from_pretrained(saved, offload_folder=offload_folder, **device_map_kwargs)
+    assert "disk" in vae.hf_device_map.values()
+    assert any(p.is_meta for p in vae.parameters())  # the offloaded weights live in offload_folder, not in memory
+    assert_same_outputs(vae, tiny_vae)
+    assert_same_outputs(vae, CustomVAE.from_pretrained(saved))
+
+
+def test_device_map_still_refuses_missing_and_non_finite_weights(tmp_path, saved):
+    def edit(state):
+        del state["decoder.conv_out.bias"]
+        state["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+
+    edit_weights(saved, edit)
+    for device_map in ("cpu", {"encoder": "cpu", "decoder": "disk"}):
+        with pytest.raises(ValueError, match="missing keys: decoder.conv_out.bias"):
+            CustomVAE.from_pretrained(saved, device_map=device_map, offload_folder=tmp_path / "offload")
+
+    edit_weights(saved, lambda state: state.update({"decoder.conv_out.bias": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"NaN or inf weights in \['encoder.conv_in.weight'\]"):
+        CustomVAE.from_pretrained(saved, device_map={"encoder": "disk", "decoder": "cpu"}, offload_folder=tmp_path)
