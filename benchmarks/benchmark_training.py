@@ -22,7 +22,8 @@ from _report import machine_description, write_section
 from benchmark_vae import equal_width_autoencoder_kl
 
 from diffusers_custom_vae.data import load_data
-from diffusers_custom_vae.evaluation import common_crop, comparison_grid, load_vae
+from diffusers_custom_vae.evaluation import common_crop, comparison_grid
+from diffusers_custom_vae.loading import load_vae
 from diffusers_custom_vae.training import TrainConfig, parse_args, train
 
 SECTION = "benchmark_training"

@@ -29,10 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import load_data, parse_resolution
-from .evaluation import common_crop, comparison_grid, evaluate_vae, load_vae, vae_class
+from .evaluation import common_crop, comparison_grid, evaluate_vae
 from .hub import render_model_card, upload_folder_to_hub
 from .images import image_grid
 from .latents import estimate_scaling_factor
+from .loading import load_vae, vae_class
 from .losses import PatchDiscriminator, VAELoss
 from .metrics import psnr, ssim
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput

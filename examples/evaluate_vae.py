@@ -11,7 +11,8 @@ diffusers AutoencoderKL folders or Hub ids both work.
 import argparse
 
 from diffusers_custom_vae.data import load_data
-from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae, load_vae
+from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae
+from diffusers_custom_vae.loading import load_vae
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
