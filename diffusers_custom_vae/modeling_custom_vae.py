@@ -33,6 +33,20 @@ from diffusers.models.autoencoders.vae import (  # isort: skip
     DiagonalGaussianDistribution,
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput  # isort: skip
+from diffusers.models.attention import AttentionMixin  # isort: skip
+from diffusers.models.attention_processor import (  # isort: skip
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
+
+
+# The attention processors of diffusers that fit this attention, whose q, k and v come from one fused `projection`:
+# scaled_dot_product_attention (`AttnProcessor2_0`, the default; `FusedAttnProcessor2_0` is the same computation on
+# fused projections, which these already are), or the explicit softmax (`AttnProcessor`, diffusers' "default"
+# processor, which materialises the (T, T) weights as the tutorial does).
+SCALED_DOT_PRODUCT_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0)
+EXPLICIT_SOFTMAX_PROCESSORS = (AttnProcessor,)
 
 
 class SelfAttention(nn.Module):
@@ -43,13 +57,32 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.projection = nn.Linear(embed_dim, embed_dim * 3)  # q, k, v
         self.out_projection = nn.Linear(embed_dim, embed_dim)
+        self.processor = AttnProcessor2_0()
+
+    def get_processor(self):
+        """The diffusers attention processor in use (read by `CustomVAE.attn_processors`)."""
+        return self.processor
+
+    def set_processor(self, processor):
+        """Use `processor`: one of `SCALED_DOT_PRODUCT_PROCESSORS` or `EXPLICIT_SOFTMAX_PROCESSORS` (set by
+        `CustomVAE.set_attn_processor`). Others expect diffusers' `Attention` module, with separate q, k, v."""
+        if not isinstance(processor, SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS):
+            supported = ", ".join(cls.__name__ for cls in SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS)
+            raise ValueError(
+                f"CustomVAE's attention computes q, k and v with one fused projection and runs diffusers' "
+                f"{supported}; got {type(processor).__name__}, which expects diffusers' Attention module."
+            )
+        self.processor = processor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, channels = x.shape
         q, k, v = self.projection(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v, as the tutorial writes it, without materialising the (T, T) weights.
-        y = F.scaled_dot_product_attention(q, k, v)
+        if isinstance(self.processor, EXPLICIT_SOFTMAX_PROCESSORS):
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (B, nh, T, T)
+            y = weights @ v
+        else:  # softmax(q k^T / sqrt(hs)) v, without materialising the (T, T) weights
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.out_projection(y.transpose(1, 2).reshape(batch, tokens, channels))
 
 
@@ -230,7 +263,7 @@ def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
     return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
 
 
-class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
+class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
 
@@ -310,6 +343,25 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """The first layer latents go through. SDXL pipelines read its dtype (as `AutoencoderKL`'s) when they upcast
         a float16 VAE whose config says `force_upcast`; without it their image-to-image and inpainting fail."""
         return self.decoder.conv_in
+
+    def set_default_attn_processor(self):
+        """
+        Use diffusers' default attention processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor`
+        does: the explicit softmax, as the tutorial writes it (deterministic, but its (T, T) weights take memory that
+        grows with the square of the latent area). `set_attn_processor(AttnProcessor2_0())` goes back to
+        `scaled_dot_product_attention`, the processor a new `CustomVAE` starts with.
+        """
+        self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self):
+        """
+        Nothing to do: q, k and v are already one fused `projection` (which is also the tutorial's layout, so
+        `state_dict` names never change). Diffusers' `FusedAttnProcessor2_0`, which pipelines set after fusing, is
+        accepted and runs `scaled_dot_product_attention` as the default does.
+        """
+
+    def unfuse_qkv_projections(self):
+        """Nothing to do: q, k and v stay one fused `projection` (see `fuse_qkv_projections`)."""
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
         r"""
