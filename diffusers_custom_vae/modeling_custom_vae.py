@@ -6,13 +6,17 @@ downsampling, nearest-neighbour upsampling, one self-attention block at the bott
 `strict=True`. Around it sits what diffusers expects of a VAE: a config, `encode`/`decode` outputs, slicing, tiling,
 gradient checkpointing and model offload.
 
-This file imports only torch and diffusers, and its path is recorded in saved pipelines: it never moves, and it can
-be uploaded beside a checkpoint for `trust_remote_code=True` loading.
+This file imports only torch, diffusers and the libraries diffusers requires (huggingface_hub, safetensors), never the
+diffusers_custom_vae package: `save_pretrained` copies it beside the weights, and diffusers loads it from there as
+remote code (`trust_remote_code=True`) where the package is not installed. Its path is recorded in saved pipelines:
+it never moves.
 """
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -22,7 +26,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from diffusers.utils.accelerate_utils import apply_forward_hook
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import HfApi, try_to_load_from_cache
 from safetensors import safe_open  # a requirement of diffusers
 from torch import nn
 
@@ -541,6 +545,36 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         """
         return from_pretrained_strictly(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
 
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        r"""
+        Save `config.json` and, beside it, this file (`modeling_custom_vae.py`), with an `auto_map` entry in the config
+        that names the class in it: that is what diffusers loads remote code from, so the folder or Hub repo loads
+        where the diffusers_custom_vae package is not installed, with `AutoModel.from_pretrained(folder_or_repo_id,
+        trust_remote_code=True)`. `save_pretrained` and `push_to_hub` call this; so does a pipeline's
+        `save_pretrained`, for the pipeline's `vae` folder.
+        """
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        module_file = os.path.basename(__file__)
+        shutil.copyfile(__file__, os.path.join(save_directory, module_file))
+        config_file = os.path.join(save_directory, self.config_name)
+        with open(config_file, encoding="utf-8") as file:
+            config = json.load(file)
+        config["auto_map"] = {"AutoModel": f"{os.path.splitext(module_file)[0]}.{CustomVAE.__name__}"}
+        with open(config_file, "w", encoding="utf-8") as file:
+            file.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # `auto_map` (written by `save_config`) is for diffusers' AutoModel, not an argument of __init__: without this,
+        # every load would warn that the config has an unexpected attribute.
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
+    # How `push_to_hub` renders a model card when it is given none and the repo has none: a function
+    # `(vae, repo_id=...) -> huggingface_hub.ModelCard`. The diffusers_custom_vae package sets its own (its template,
+    # filled from the config) when it is imported; this file cannot import the package, since it also runs as remote
+    # code where the package is absent, and there `push_to_hub` falls back to diffusers' own, with its generic card.
+    model_card_renderer = None
+
     def push_to_hub(
         self,
         repo_id: str,
@@ -553,7 +587,8 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         model_card=None,
     ) -> str:
         r"""
-        Upload the config, the safetensors weights and a model card (README.md) to the Hub, in one commit.
+        Upload the config, the weights, this modeling file (for remote-code loading, see `save_config`) and a model
+        card (README.md) to the Hub, in one commit.
 
         Args:
             repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
@@ -563,16 +598,37 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
                 As in `save_pretrained`.
             model_card (`huggingface_hub.ModelCard`, *optional*):
                 The card to upload. By default a card already in the repo is kept, else one is rendered from the
-                package's template.
+                package's template (`model_card_renderer`).
 
         Returns:
             `str`: the URL of the commit.
         """
-        from diffusers_custom_vae.hub import push_model_to_hub  # package code: this file imports only torch/diffusers
-
-        return push_model_to_hub(
-            self, repo_id, commit_message, private, token, create_pr, safe_serialization, variant, model_card
-        )
+        render = type(self).model_card_renderer
+        if model_card is None and render is None:  # remote code without the package: diffusers' push and card
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                safe_serialization=safe_serialization,
+                variant=variant,
+            )
+        api = HfApi(token=token)  # the token goes to huggingface_hub only; it is never printed or written
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if model_card is None and not api.file_exists(repo_id, "README.md"):  # a card there may hold metrics: kept
+            model_card = render(self, repo_id=repo_id)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            if model_card is not None:
+                model_card.save(os.path.join(folder, "README.md"))
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload CustomVAE",
+                create_pr=create_pr,
+            )
+        return str(commit)
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading

@@ -41,19 +41,20 @@ def assert_same_weights(vae: CustomVAE, expected: CustomVAE):
 
 
 def make_hub_cache(cache: Path, saved_folder: Path, repo_id: str = "user/dog-vae") -> Path:
-    """Lays `saved_folder` out as huggingface_hub's cache does:
-    models--user--dog-vae/{refs/main, blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
+    """Lays `saved_folder` (subfolders included) out as huggingface_hub's cache does:
+    models--user--dog-vae/{refs/main, blobs/<sha256>, snapshots/<commit>/<path> -> ../../blobs/<sha256>}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     (repo / "blobs").mkdir()
     snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for file in saved_folder.iterdir():
+    for file in sorted(path for path in saved_folder.rglob("*") if path.is_file()):
         data = file.read_bytes()
         blob = hashlib.sha256(data).hexdigest()
         (repo / "blobs" / blob).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+        link = snapshot / file.relative_to(saved_folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(os.path.relpath(repo / "blobs" / blob, link.parent)))
     return cache
 
 
@@ -73,7 +74,7 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 def test_round_trip_is_bit_exact(saved, tiny_vae):
-    assert sorted(os.listdir(saved)) == ["config.json", WEIGHTS]
+    assert sorted(os.listdir(saved)) == ["config.json", WEIGHTS, "modeling_custom_vae.py"]
     loaded, info = CustomVAE.from_pretrained(saved, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert public_config(loaded) == public_config(tiny_vae)
@@ -94,7 +95,12 @@ def test_fp16_variant_is_saved_and_picked(saved, tiny_config, tiny_vae):
     torch.manual_seed(1)
     other = CustomVAE(**tiny_config).half()  # different weights, so the file that was read can be told apart
     other.save_pretrained(saved, variant="fp16")
-    assert sorted(os.listdir(saved)) == ["config.json", "diffusion_pytorch_model.fp16.safetensors", WEIGHTS]
+    assert sorted(os.listdir(saved)) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+        WEIGHTS,
+        "modeling_custom_vae.py",
+    ]
 
     variant = CustomVAE.from_pretrained(saved, variant="fp16", torch_dtype=torch.float16)
     assert variant.dtype == torch.float16

@@ -127,7 +127,7 @@ def test_pipelines_from_pretrained_with_vae_and_from_pipe(tmp_path):
 
 
 def test_pipeline_qkv_fusion_refuses_a_custom_vae_and_vae_false_is_the_workaround():
-    """diffusers' `pipe.fuse_qkv_projections()` accepts only an AutoencoderKL; CustomVAE's q, k, v are fused already."""
+    """diffusers' `pipe.fuse_qkv_projections()` takes only an AutoencoderKL; CustomVAE's q, k, v are fused already."""
     pipe = tiny_pipeline()
     swap_scratch_vae(pipe, tiny_custom_vae())
     expected = generate(pipe, output_type="np")
