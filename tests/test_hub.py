@@ -47,6 +47,7 @@ def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
     card = ModelCard.load(upload.folder / "README.md")
     assert card.data.library_name == "diffusers" and "diffusers_custom_vae" in card.data.tags
     assert "import diffusers_custom_vae" in card.text and 'CustomVAE.from_pretrained("user/dog-vae")' in card.text
+    assert 'AutoModel.from_pretrained("user/dog-vae", trust_remote_code=True)' in card.text
     reloaded = CustomVAE.from_pretrained(upload.folder)
     for name, tensor in tiny_vae.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
