@@ -679,15 +679,16 @@ def from_pretrained_strictly(load, pretrained_model_name_or_path, **kwargs):
 def _checkpoint_problem(model_class, source: str, kwargs: dict, model=None) -> Exception | None:
     """What is wrong with the weight files `from_pretrained(source, **kwargs)` reads, for `model` (or, when loading
     failed, for an empty model built from the config); `None` when nothing is, or there is nothing to check."""
-    files = _weight_files(source, kwargs)
+    files, torch_dtype = _weight_files(source, kwargs), None
     if model is None:
         model = _empty_model(model_class, source, kwargs)
         if not files or model is None:
             return None
+        torch_dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))  # what the loaded model would have held
     elif not files:
         return OSError(f"Loaded {source}, but found none of the weight files diffusers reads there to check them.")
     try:
-        return _weights_problem(files, model, source, kwargs.get("torch_dtype", kwargs.get("dtype")))
+        return _weights_problem(files, model, source, torch_dtype)
     except OSError as error:  # a file that cannot be read
         return error
 
@@ -750,8 +751,8 @@ def _empty_model(model_class, source: str, kwargs: dict):
 
 def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> ValueError | None:
     """Compares every tensor in `files` with `model`'s (its names, shapes and dtypes: meta tensors where weights
-    are offloaded or not loaded). The values are checked in the dtype the model holds them in (`torch_dtype` for an
-    empty model), so a float32 weight too large for float16 counts as inf."""
+    are offloaded or not loaded). The values are checked in the dtype the model holds them in (`torch_dtype`, when
+    given, for the floating-point ones of an empty model), so a float32 weight too large for float16 counts."""
     expected = model.state_dict()
     rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of deprecated attention keys
     found, unexpected, mismatched, not_floating, not_finite, overflowing = set(), [], [], [], [], []
@@ -772,7 +773,10 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
             elif target.is_floating_point() and not tensor.is_floating_point():
                 not_floating.append(f"{name} ({tensor.dtype})")
             elif not torch.isfinite(tensor.to(dtype)).all():
-                (not_finite if not torch.isfinite(tensor).all() else overflowing).append(name)
+                if torch.isfinite(tensor).all():
+                    overflowing.append(f"{name} ({dtype})")
+                else:
+                    not_finite.append(name)
     missing = [name for name in expected if name not in found]
 
     def listed(names: list[str]) -> str:
@@ -802,8 +806,8 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
         return ValueError(f"The checkpoint in {source} has NaN or inf weights in {not_finite[:8]}.")
     if overflowing:
         return ValueError(
-            f"The weights in {source} {overflowing[:8]} are too large for torch_dtype={torch_dtype or ''}: they "
-            "become inf. Load them in a wider dtype (e.g. torch.float32 or torch.bfloat16)."
+            f"Weights in {source} become inf in the dtype they are loaded in: {listed(overflowing)}. Load them in a "
+            "wider one (torch_dtype=torch.float32 or torch.bfloat16)."
         )
     return None
 
