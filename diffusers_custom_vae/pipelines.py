@@ -198,8 +198,9 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwa
 
     It is `pipe.save_pretrained`, then `model_index.json` names the VAE's class by the modeling file saved in the
     VAE's folder (`["modeling_custom_vae", "CustomVAE"]`), which is how diffusers finds a component's remote code.
-    `pipe.save_pretrained` alone records the package's module path instead: the folder then loads only after
-    `import diffusers_custom_vae`, and not by Hub repo id (diffusers issue 6563).
+    Such a folder needs `trust_remote_code=True` with or without the package installed: diffusers runs the copy of
+    the model file in it. `pipe.save_pretrained` alone records the package's module path instead: the folder then
+    loads only after `import diffusers_custom_vae`, and not by Hub repo id (diffusers issue 6563).
 
     Args:
         pipe (`DiffusionPipeline`): The pipeline.
