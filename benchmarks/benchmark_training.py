@@ -23,7 +23,8 @@ from benchmark_vae import equal_width_autoencoder_kl
 from transformers import HfArgumentParser
 
 from diffusers_custom_vae.data import load_data
-from diffusers_custom_vae.evaluation import common_crop, comparison_grid, load_vae
+from diffusers_custom_vae.evaluation import common_crop, comparison_grid
+from diffusers_custom_vae.loading import load_vae
 from diffusers_custom_vae.training import TrainConfig, train
 
 SECTION = "benchmark_training"

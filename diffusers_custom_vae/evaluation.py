@@ -3,31 +3,11 @@
 from collections.abc import Iterable, Sequence
 
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import image_grid
 from .metrics import reconstruction_metrics
-from .modeling_custom_vae import CustomVAE
-
-VAE_CLASSES = {"CustomVAE": CustomVAE, "AutoencoderKL": AutoencoderKL}
-
-
-def vae_class(config: dict, source: str) -> type:
-    """The class a saved config (`config.json`, its `_class_name`) describes; CustomVAE when it names none."""
-    name = config.get("_class_name", "CustomVAE")
-    if name not in VAE_CLASSES:
-        raise ValueError(f"{source} describes a {name}; this works with {' or '.join(VAE_CLASSES)}.")
-    return VAE_CLASSES[name]
-
-
-def load_vae(name_or_path: str, **kwargs) -> CustomVAE | AutoencoderKL:
-    """`from_pretrained` of whichever VAE class the folder or Hub repo holds (`subfolder=` etc. pass through)."""
-    config = CustomVAE.load_config(
-        name_or_path, **{k: v for k, v in kwargs.items() if k in ("cache_dir", "subfolder")}
-    )
-    return vae_class(config, name_or_path).from_pretrained(name_or_path, **kwargs)
 
 
 @torch.no_grad()

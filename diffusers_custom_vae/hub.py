@@ -6,7 +6,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .modeling_custom_vae import CustomVAE, downsample_factor_of
+from .pipelines import latent_space_of, save_pipeline
+
 TEMPLATE = "custom_vae.md"
+PIPELINE_TEMPLATE = "custom_vae_pipeline.md"
 
 
 def _template_path(name: str) -> Path:
@@ -49,9 +53,6 @@ def render_model_card(
         datasets=datasets,
         metrics=sorted(metrics) if metrics else None,
     )
-    from .modeling_custom_vae import downsample_factor_of
-    from .pipelines import latent_space_of  # the pipelines module imports diffusers' pipeline machinery: only now
-
     config = vae.config
     return ModelCard.from_template(
         card_data,
@@ -105,23 +106,68 @@ def upload_folder_to_hub(
     return str(commit)
 
 
-def push_model_to_hub(
-    vae,
+# `CustomVAE.push_to_hub` renders this package's card; the model file cannot import the package (it also runs as
+# remote code without it), so the package hands it the renderer.
+CustomVAE.model_card_renderer = render_model_card
+
+
+def render_pipeline_card(pipe, repo_id: str | None = None, license: str | None = None) -> ModelCard:
+    r"""
+    Render the model card (README.md) of a pipeline saved by [`save_pipeline`]: what it is, and how to load it
+    without the diffusers_custom_vae package (`trust_remote_code=True`).
+
+    Args:
+        pipe (`DiffusionPipeline`): The pipeline, with a `CustomVAE` as its `vae`.
+        repo_id (`str`, *optional*): Where it is published; used in the usage snippet.
+        license (`str`, *optional*): The licence of the weights, for the card's metadata.
+    """
+    card_data = ModelCardData(
+        library_name="diffusers", license=license, tags=["diffusers", "diffusers_custom_vae", type(pipe).__name__]
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(_template_path(PIPELINE_TEMPLATE)),
+        title=repo_id.split("/")[-1] if repo_id else type(pipe).__name__,
+        pipeline_class=type(pipe).__name__,
+        repo_id=repo_id or "path/to/this/folder",
+        vae_parameters=f"{sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M",
+        latent_space=latent_space_of(pipe.vae),
+    )
+
+
+def push_pipeline_to_hub(
+    pipe,
     repo_id: str,
     commit_message: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     create_pr: bool = False,
-    safe_serialization: bool = True,
     variant: str | None = None,
     model_card: ModelCard | None = None,
 ) -> str:
-    """`CustomVAE.push_to_hub`: config, weights and a model card, in one commit. A card already in the repo is kept
-    unless `model_card` is given (it may hold metrics from training)."""
+    r"""
+    Upload a pipeline whose VAE is a `CustomVAE`, saved by [`save_pipeline`], so that
+    `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` loads it where the diffusers_custom_vae
+    package is not installed (one pushed by `pipe.push_to_hub` does not load by repo id: diffusers issue 6563).
+
+    Args:
+        pipe (`DiffusionPipeline`): The pipeline.
+        repo_id (`str`): The repo to create or update, e.g. `"user/dog-diffusion"`.
+        commit_message (`str`, *optional*), private (`bool`, *optional*), token (`str`, *optional*),
+        create_pr (`bool`, *optional*, defaults to `False`): As in `huggingface_hub.HfApi.upload_folder`; the token
+            is passed to huggingface_hub only, never printed or written.
+        variant (`str`, *optional*): As in `save_pretrained`.
+        model_card (`huggingface_hub.ModelCard`, *optional*):
+            The card to upload. By default a card already in the repo is kept, else [`render_pipeline_card`]'s.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
     with tempfile.TemporaryDirectory() as folder:
-        vae.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+        save_pipeline(pipe, folder, variant=variant)
         if model_card is None and not HfApi(token=token).file_exists(repo_id, "README.md"):
-            model_card = render_model_card(vae, repo_id=repo_id)
+            model_card = render_pipeline_card(pipe, repo_id=repo_id)
         if model_card is not None:
             model_card.save(os.path.join(folder, "README.md"))
-        return upload_folder_to_hub(folder, repo_id, token, private, commit_message or "Upload CustomVAE", create_pr)
+        commit_message = commit_message or f"Upload {type(pipe).__name__}"
+        return upload_folder_to_hub(folder, repo_id, token, private, commit_message, create_pr)

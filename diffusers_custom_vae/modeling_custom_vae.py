@@ -6,18 +6,28 @@ downsampling, nearest-neighbour upsampling, one self-attention block at the bott
 `strict=True`. Around it sits what diffusers expects of a VAE: a config, `encode`/`decode` outputs, slicing, tiling,
 gradient checkpointing and model offload.
 
-This file imports only torch and diffusers, and its path is recorded in saved pipelines: it never moves, and it can
-be uploaded beside a checkpoint for `trust_remote_code=True` loading.
+This file imports only torch, diffusers and the libraries diffusers requires (huggingface_hub, safetensors), never the
+diffusers_custom_vae package: `save_pretrained` copies it beside the weights, and diffusers loads it from there as
+remote code (`trust_remote_code=True`) where the package is not installed. Its path is recorded in saved pipelines:
+it never moves.
 """
 
+import json
 import math
+import os
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from diffusers.utils.accelerate_utils import apply_forward_hook
+from huggingface_hub import HfApi, try_to_load_from_cache
+from safetensors import safe_open  # a requirement of diffusers
 from torch import nn
 
 # diffusers has moved these before (#6129): they are imported here and nowhere else.
@@ -27,6 +37,20 @@ from diffusers.models.autoencoders.vae import (  # isort: skip
     DiagonalGaussianDistribution,
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput  # isort: skip
+from diffusers.models.attention import AttentionMixin  # isort: skip
+from diffusers.models.attention_processor import (  # isort: skip
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
+
+
+# The attention processors of diffusers that fit this attention, whose q, k and v come from one fused `projection`:
+# scaled_dot_product_attention (`AttnProcessor2_0`, the default; `FusedAttnProcessor2_0` is the same computation on
+# fused projections, which these already are), or the explicit softmax (`AttnProcessor`, diffusers' "default"
+# processor, which materialises the (T, T) weights as the tutorial does).
+SCALED_DOT_PRODUCT_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0)
+EXPLICIT_SOFTMAX_PROCESSORS = (AttnProcessor,)
 
 
 class SelfAttention(nn.Module):
@@ -37,13 +61,32 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.projection = nn.Linear(embed_dim, embed_dim * 3)  # q, k, v
         self.out_projection = nn.Linear(embed_dim, embed_dim)
+        self.processor = AttnProcessor2_0()
+
+    def get_processor(self):
+        """The diffusers attention processor in use (read by `CustomVAE.attn_processors`)."""
+        return self.processor
+
+    def set_processor(self, processor):
+        """Use `processor`: one of `SCALED_DOT_PRODUCT_PROCESSORS` or `EXPLICIT_SOFTMAX_PROCESSORS` (set by
+        `CustomVAE.set_attn_processor`). Others expect diffusers' `Attention` module, with separate q, k, v."""
+        if not isinstance(processor, SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS):
+            supported = ", ".join(cls.__name__ for cls in SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS)
+            raise ValueError(
+                f"CustomVAE's attention computes q, k and v with one fused projection and runs diffusers' "
+                f"{supported}; got {type(processor).__name__}, which expects diffusers' Attention module."
+            )
+        self.processor = processor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, channels = x.shape
         q, k, v = self.projection(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v, as the tutorial writes it, without materialising the (T, T) weights.
-        y = F.scaled_dot_product_attention(q, k, v)
+        if isinstance(self.processor, EXPLICIT_SOFTMAX_PROCESSORS):
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (B, nh, T, T)
+            y = weights @ v
+        else:  # softmax(q k^T / sqrt(hs)) v, without materialising the (T, T) weights
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.out_projection(y.transpose(1, 2).reshape(batch, tokens, channels))
 
 
@@ -224,7 +267,7 @@ def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
     return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
 
 
-class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
+class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
 
@@ -304,6 +347,25 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """The first layer latents go through. SDXL pipelines read its dtype (as `AutoencoderKL`'s) when they upcast
         a float16 VAE whose config says `force_upcast`; without it their image-to-image and inpainting fail."""
         return self.decoder.conv_in
+
+    def set_default_attn_processor(self):
+        """
+        Use diffusers' default attention processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor`
+        does: the explicit softmax, as the tutorial writes it (deterministic, but its (T, T) weights take memory that
+        grows with the square of the latent area). `set_attn_processor(AttnProcessor2_0())` goes back to
+        `scaled_dot_product_attention`, the processor a new `CustomVAE` starts with.
+        """
+        self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self):
+        """
+        Nothing to do: q, k and v are already one fused `projection` (which is also the tutorial's layout, so
+        `state_dict` names never change). Diffusers' `FusedAttnProcessor2_0`, which pipelines set after fusing, is
+        accepted and runs `scaled_dot_product_attention` as the default does.
+        """
+
+    def unfuse_qkv_projections(self):
+        """Nothing to do: q, k and v stay one fused `projection` (see `fuse_qkv_projections`)."""
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
         r"""
@@ -489,38 +551,42 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""
-        Load a saved `CustomVAE` from a local folder or a Hub repo id, as [`ModelMixin.from_pretrained`] does, but
-        refuse weights that are missing, unexpected, of the wrong shape or not finite instead of leaving them random.
+        Load a saved `CustomVAE` from a local folder or a Hub repo id, as [`ModelMixin.from_pretrained`] does (all its
+        arguments work, `device_map` with CPU or disk offload included), but refuse weights that are missing,
+        unexpected, of the wrong shape, not floating-point or not finite instead of leaving them random or casting
+        them: see [`from_pretrained_strictly`].
         """
-        want_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        except (ValueError, RuntimeError) as error:  # a weight of the wrong shape (diffusers suggests random weights)
-            if "expected shape" not in str(error) and "size mismatch" not in str(error):
-                raise
-            reason = str(error).split(" If you want to instead overwrite")[0]
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} don't fit its config.json: {reason}"
-            ) from error
-        except OSError as error:
-            if "Unable to load weights" not in str(error):
-                raise
-            raise OSError(f"{error} The file is truncated or corrupt: download or save it again.") from error
-        problems = [
-            f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
-            for kind, keys in info.items()
-            if kind != "error_msgs" and keys
-        ]
-        problems += [f"left on the meta device: {name}" for name, p in model.named_parameters() if p.is_meta][:1]
-        if problems:
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} don't fit its config.json ({'; '.join(problems)}). "
-                "Were they saved from a different config?"
-            )
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise ValueError(f"The checkpoint in {pretrained_model_name_or_path} has NaN or inf weights in {bad[:8]}.")
-        return (model, info) if want_info else model
+        return from_pretrained_strictly(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        r"""
+        Save `config.json` and, beside it, this file (`modeling_custom_vae.py`), with an `auto_map` entry in the config
+        that names the class in it: that is what diffusers loads remote code from, so the folder or Hub repo loads
+        where the diffusers_custom_vae package is not installed, with `AutoModel.from_pretrained(folder_or_repo_id,
+        trust_remote_code=True)`. `save_pretrained` and `push_to_hub` call this; so does a pipeline's
+        `save_pretrained`, for the pipeline's `vae` folder.
+        """
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        module_file = os.path.basename(__file__)
+        shutil.copyfile(__file__, os.path.join(save_directory, module_file))
+        config_file = os.path.join(save_directory, self.config_name)
+        with open(config_file, encoding="utf-8") as file:
+            config = json.load(file)
+        config["auto_map"] = {"AutoModel": f"{os.path.splitext(module_file)[0]}.{CustomVAE.__name__}"}
+        with open(config_file, "w", encoding="utf-8") as file:
+            file.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # `auto_map` (written by `save_config`) is for diffusers' AutoModel, not an argument of __init__: without this,
+        # every load would warn that the config has an unexpected attribute.
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
+    # How `push_to_hub` renders a model card when it is given none and the repo has none: a function
+    # `(vae, repo_id=...) -> huggingface_hub.ModelCard`. The diffusers_custom_vae package sets its own (its template,
+    # filled from the config) when it is imported; this file cannot import the package, since it also runs as remote
+    # code where the package is absent, and there `push_to_hub` falls back to diffusers' own, with its generic card.
+    model_card_renderer = None
 
     def push_to_hub(
         self,
@@ -534,7 +600,8 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         model_card=None,
     ) -> str:
         r"""
-        Upload the config, the safetensors weights and a model card (README.md) to the Hub, in one commit.
+        Upload the config, the weights, this modeling file (for remote-code loading, see `save_config`) and a model
+        card (README.md) to the Hub, in one commit.
 
         Args:
             repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
@@ -544,15 +611,253 @@ class CustomVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 As in `save_pretrained`.
             model_card (`huggingface_hub.ModelCard`, *optional*):
                 The card to upload. By default a card already in the repo is kept, else one is rendered from the
-                package's template.
+                package's template (`model_card_renderer`).
 
         Returns:
             `str`: the URL of the commit.
         """
-        from diffusers_custom_vae.hub import push_model_to_hub  # package code: this file imports only torch/diffusers
+        render = type(self).model_card_renderer
+        if model_card is None and render is None:  # remote code without the package: diffusers' push and card
+            return super().push_to_hub(
+                repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                safe_serialization=safe_serialization,
+                variant=variant,
+            )
+        api = HfApi(token=token)  # the token goes to huggingface_hub only; it is never printed or written
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if model_card is None and not api.file_exists(repo_id, "README.md"):  # a card there may hold metrics: kept
+            model_card = render(self, repo_id=repo_id)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            if model_card is not None:
+                model_card.save(os.path.join(folder, "README.md"))
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload CustomVAE",
+                create_pr=create_pr,
+            )
+        return str(commit)
 
-        return push_model_to_hub(
-            self, repo_id, commit_message, private, token, create_pr, safe_serialization, variant, model_card
+
+# ---------------------------------------------------------------------------------------------------- strict loading
+# Diffusers' loader only logs a warning for weights missing from a checkpoint (they stay random, or on the meta device)
+# and casts integer weights to float without a word. The checks below read the weight files themselves, one tensor
+# at a time, so they see weights that `device_map` offloads and do not depend on the wording of diffusers' errors.
+# They live in this file because it also runs as remote code, where the diffusers_custom_vae package is absent; the
+# package's `load_vae` applies them to diffusers' `AutoencoderKL` too.
+
+
+def from_pretrained_strictly(load, pretrained_model_name_or_path, **kwargs):
+    r"""
+    Load a model with `load`, a diffusers model class's `from_pretrained` (e.g. `AutoencoderKL.from_pretrained`), then
+    check the weight files it read against the model, and refuse:
+
+    - weights missing from the files, unexpected ones, or ones of another shape (`ValueError`, "don't fit its
+      config.json");
+    - weights that are not floating-point (int8, bool, ...), which diffusers would silently cast (`ValueError`);
+    - NaN or inf weights, also those that only overflow when cast to `torch_dtype` (`ValueError`);
+    - files that are truncated or corrupt, and pickles (`.bin`) that hold Python objects besides tensors, refused for
+      safety since unpickling them could run any code (`OSError`).
+
+    Weights that `device_map` offloads to the CPU or the disk are checked as well. When diffusers' loader itself fails
+    on a bad checkpoint, the error names what the files show instead.
+
+    Args:
+        load (`Callable`): The `from_pretrained` classmethod of a diffusers `ModelMixin` class.
+        pretrained_model_name_or_path (`str` or `os.PathLike`): A `save_pretrained` folder, or a Hub repo id.
+        **kwargs: Passed to `load` (`subfolder`, `variant`, `torch_dtype`, `device_map`, `cache_dir`, ...).
+
+    Returns:
+        The model, or `(model, loading_info)` with `output_loading_info=True`.
+    """
+    model_class, source = load.__self__, os.fspath(pretrained_model_name_or_path)
+    want_info = kwargs.pop("output_loading_info", False)
+    try:
+        model, info = load(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+    except Exception as error:
+        problem = _checkpoint_problem(model_class, source, kwargs)
+        if problem is None:  # the files look fine (or were never found): diffusers' error says what went wrong
+            raise
+        raise problem from error
+    if (problem := _checkpoint_problem(model_class, source, kwargs, model)) is not None:
+        raise problem
+    return (model, info) if want_info else model
+
+
+def _checkpoint_problem(model_class, source: str, kwargs: dict, model=None) -> Exception | None:
+    """What is wrong with the weight files `from_pretrained(source, **kwargs)` reads, for `model` (or, when loading
+    failed, for an empty model built from the config); `None` when nothing is, or there is nothing to check."""
+    files, torch_dtype = _weight_files(source, kwargs), None
+    if model is None:
+        model = _empty_model(model_class, source, kwargs)
+        if not files or model is None:
+            return None
+        torch_dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))  # what the loaded model would have held
+    elif not files:
+        return OSError(f"Loaded {source}, but found none of the weight files diffusers reads there to check them.")
+    try:
+        return _weights_problem(files, model, source, torch_dtype)
+    except OSError as error:  # a file that cannot be read
+        return error
+
+
+def _weight_files(source: str, kwargs: dict) -> list[str]:
+    """The weight files `from_pretrained` reads for these arguments, picked as diffusers picks them (a shard index
+    before a single file, safetensors before a pickle unless `use_safetensors` says otherwise), where they are on
+    this machine: in the folder, or in the Hub cache. Empty when there are none."""
+    subfolder, variant, use_safetensors = kwargs.get("subfolder"), kwargs.get("variant"), kwargs.get("use_safetensors")
+
+    def local_path(name: str) -> str | None:
+        relative = "/".join(part for part in (subfolder, name) if part)
+        if os.path.isdir(source):
+            path = os.path.join(source, relative)
+            return path if os.path.isfile(path) else None
+        try:
+            path = try_to_load_from_cache(
+                source, relative, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+            )
+        except ValueError:  # neither a folder nor a valid repo id
+            return None
+        return path if isinstance(path, str) else None  # None, or a marker that the file does not exist
+
+    candidates = {
+        None: [SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME],  # a pickle only without safetensors
+        True: [SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME],
+        False: [WEIGHTS_INDEX_NAME, WEIGHTS_NAME],
+    }[use_safetensors]
+    for name in candidates:
+        path = local_path(_with_variant(name, variant))
+        if path is not None and name.endswith(".json"):  # a sharded checkpoint: the index names its files
+            with open(path, encoding="utf-8") as index:
+                shards = sorted(set(json.load(index)["weight_map"].values()))
+            return [shard for shard in map(local_path, shards) if shard is not None]
+        if path is not None:
+            return [path]
+    return []
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """diffusion_pytorch_model.safetensors -> diffusion_pytorch_model.fp16.safetensors (the variant before the last
+    extension, as diffusers names variants)."""
+    if not variant:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _empty_model(model_class, source: str, kwargs: dict):
+    """The model `source`'s config describes, on the meta device (shapes only); `None` when the config cannot be read
+    or built, which diffusers' own error then explains."""
+    hub_kwargs = {key: kwargs[key] for key in ("subfolder", "cache_dir", "revision", "token") if key in kwargs}
+    try:
+        config = model_class.load_config(source, local_files_only=True, **hub_kwargs)
+        with torch.device("meta"):
+            return model_class.from_config(config)
+    except Exception:
+        return None
+
+
+def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> ValueError | None:
+    """Compares every tensor in `files` with `model`'s (its names, shapes and dtypes: meta tensors where weights
+    are offloaded or not loaded). The values are checked in the dtype the model holds them in (`torch_dtype`, when
+    given, for the floating-point ones of an empty model), so a float32 weight too large for float16 counts."""
+    expected = model.state_dict()
+    rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of deprecated attention keys
+    found, unexpected, mismatched, not_floating, not_finite, overflowing = set(), [], [], [], [], []
+    for path in files:
+        names, read = _open_weights(path)
+        renamed = {name: name for name in names}  # model name -> name in the file
+        if rename is not None:
+            rename(renamed)
+        for name, stored_name in renamed.items():
+            found.add(name)
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            tensor, target = read(stored_name), expected[name]
+            dtype = torch_dtype if torch_dtype is not None and target.is_floating_point() else target.dtype
+            if tensor.shape != target.shape:
+                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
+            elif target.is_floating_point() and not tensor.is_floating_point():
+                not_floating.append(f"{name} ({tensor.dtype})")
+            elif not torch.isfinite(tensor.to(dtype)).all():
+                if torch.isfinite(tensor).all():
+                    overflowing.append(f"{name} ({dtype})")
+                else:
+                    not_finite.append(name)
+    missing = [name for name in expected if name not in found]
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+    structure = [
+        f"{kind}: {listed(names)}"
+        for kind, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mismatched shapes, checkpoint vs model", mismatched),
+        )
+        if names
+    ]
+    if structure:
+        return ValueError(
+            f"The weights in {source} don't fit its config.json ({'; '.join(structure)}). "
+            "Were they saved from a different config?"
+        )
+    if not_floating:
+        return ValueError(
+            f"The checkpoint in {source} holds weights that are not floating-point: {listed(not_floating)}. "
+            f"{type(model).__name__} computes in floating point, and casting them would silently change what they "
+            "mean (a quantised or corrupted file?). Save the floating-point weights with save_pretrained."
+        )
+    if not_finite:
+        return ValueError(f"The checkpoint in {source} has NaN or inf weights in {not_finite[:8]}.")
+    if overflowing:
+        return ValueError(
+            f"Weights in {source} become inf in the dtype they are loaded in: {listed(overflowing)}. Load them in a "
+            "wider one (torch_dtype=torch.float32 or torch.bfloat16)."
+        )
+    return None
+
+
+def _open_weights(path: str):
+    """The names in a safetensors or PyTorch (`.bin`) weight file, and a function that reads one tensor by name (the
+    file is memory-mapped: one tensor at a time is in memory). An `OSError` for a file that cannot be read, and for a
+    pickle that holds Python objects besides tensors, which is refused for safety."""
+    try:
+        if path.endswith(".safetensors"):
+            file = safe_open(path, framework="pt")
+            return list(file.keys()), file.get_tensor
+        _refuse_unsafe_pickle(path)
+        # weights_only: torch's restricted unpickler, which rebuilds tensors and containers and runs nothing else.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except OSError:
+        raise
+    except Exception as error:  # safetensors and torch raise many types for unreadable files
+        raise OSError(
+            f"Unable to read the weights in {path}: the file is truncated or corrupt ({type(error).__name__}: "
+            f"{error}). Download or save it again."
+        ) from error
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise OSError(f"{path} does not hold a state_dict (a dict of tensors).")
+    return list(state_dict), state_dict.__getitem__
+
+
+def _refuse_unsafe_pickle(path: str):
+    find_unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if find_unsafe_globals is None or not zipfile.is_zipfile(path):
+        return
+    unsafe = find_unsafe_globals(path)  # reads the pickle's instructions, runs none of them
+    if unsafe:
+        raise OSError(
+            f"{path} is a pickle that holds Python objects besides tensors ({', '.join(unsafe[:5])}). It was refused "
+            "for safety: unpickling it could run any code. If you trust it, load it yourself and save the weights "
+            "with save_pretrained (safetensors)."
         )
 
 

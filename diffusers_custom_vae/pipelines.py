@@ -10,7 +10,10 @@ the space it was aligned to. Diffusers' own VAEs have no such field; `latent_spa
 Stable Diffusion VAEs by their scaling factor.
 """
 
+import inspect
+import json
 import math
+import os
 import warnings
 
 import torch
@@ -210,3 +213,38 @@ def _refresh_scale_factor(pipe, factor: int):
         if processor.config.vae_scale_factor == old_factor:
             setattr(pipe, name, type(processor).from_config(processor.config, vae_scale_factor=factor))
     pipe.vae_scale_factor = factor
+
+
+def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwargs):
+    r"""
+    Save a pipeline whose VAE is a `CustomVAE` so that diffusers loads it where the diffusers_custom_vae package is not
+    installed, from the folder or from a Hub repo it is uploaded to (e.g. by [`push_pipeline_to_hub`]):
+
+    ```python
+    pipe = DiffusionPipeline.from_pretrained("user/dog-diffusion", trust_remote_code=True)
+    ```
+
+    It is `pipe.save_pretrained`, then `model_index.json` names the VAE's class by the modeling file saved in the
+    VAE's folder (`["modeling_custom_vae", "CustomVAE"]`), which is how diffusers finds a component's remote code.
+    Such a folder needs `trust_remote_code=True` with or without the package installed: diffusers runs the copy of
+    the model file in it. `pipe.save_pretrained` alone records the package's module path instead: the folder then
+    loads only after `import diffusers_custom_vae`, and not by Hub repo id (diffusers issue 6563).
+
+    Args:
+        pipe (`DiffusionPipeline`): The pipeline.
+        save_directory (`str` or `os.PathLike`): The folder to write (created if needed).
+        **save_pretrained_kwargs: Passed to `pipe.save_pretrained` (`safe_serialization`, `variant`,
+            `max_shard_size`); to upload, use [`push_pipeline_to_hub`].
+    """
+    if save_pretrained_kwargs.get("push_to_hub"):
+        raise ValueError("save_pipeline writes a folder; upload with diffusers_custom_vae.push_pipeline_to_hub.")
+    pipe.save_pretrained(save_directory, **save_pretrained_kwargs)
+    index_file = os.path.join(save_directory, "model_index.json")
+    with open(index_file, encoding="utf-8") as file:
+        index = json.load(file)
+    module_file = os.path.basename(inspect.getfile(CustomVAE))  # what CustomVAE.save_config writes beside config.json
+    for name, entry in index.items():
+        if isinstance(entry, list) and os.path.isfile(os.path.join(save_directory, name, module_file)):
+            index[name] = [os.path.splitext(module_file)[0], entry[1]]
+    with open(index_file, "w", encoding="utf-8") as file:
+        file.write(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,8 @@ import argparse
 
 from diffusers_custom_vae.cli import one_line_errors
 from diffusers_custom_vae.data import load_data
-from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae, load_vae
+from diffusers_custom_vae.evaluation import common_crop, comparison_grid, evaluate_vae
+from diffusers_custom_vae.loading import load_vae
 from diffusers_custom_vae.modeling_custom_vae import downsample_factor_of
 
 

@@ -4,6 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+import socket  # noqa: E402
+
+import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -25,6 +28,29 @@ def tiny_config() -> dict:
 def tiny_vae() -> CustomVAE:
     torch.manual_seed(0)
     return CustomVAE(**TINY_CONFIG).eval()
+
+
+class NetworkAttempted(RuntimeError):
+    """Raised by the socket guard; not an OSError, so no HTTP client mistakes it for a flaky connection and retries."""
+
+
+@pytest.fixture
+def network_attempts(monkeypatch) -> list:
+    """Offline mode, and every name lookup or connection the test still tries, each refused at once.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import (`constants.is_offline_mode()` returns that value): conftest
+    sets the variable before the import, and this makes sure of it whatever was imported first."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise NetworkAttempted(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")

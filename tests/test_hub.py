@@ -1,5 +1,6 @@
 """push_to_hub and model cards, with huggingface_hub's HfApi intercepted at its boundary: no network."""
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -40,11 +41,13 @@ def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
         "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
+        "modeling_custom_vae.py",  # for loading without the package (tests/test_remote_code.py)
     ]
     assert upload.repo_id == "user/dog-vae" and upload.token == "hf_secret"
     card = ModelCard.load(upload.folder / "README.md")
     assert card.data.library_name == "diffusers" and "diffusers_custom_vae" in card.data.tags
     assert "import diffusers_custom_vae" in card.text and 'CustomVAE.from_pretrained("user/dog-vae")' in card.text
+    assert 'AutoModel.from_pretrained("user/dog-vae", trust_remote_code=True)' in card.text
     reloaded = CustomVAE.from_pretrained(upload.folder)
     for name, tensor in tiny_vae.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
@@ -81,3 +84,55 @@ def test_model_card_metadata_metrics_and_grid(tiny_vae):
     assert "its own latent space" in card.text  # from scratch: the card warns that SD UNets won't work with it
     parameters = sum(p.numel() for p in tiny_vae.parameters()) / 1e6
     assert f"{parameters:.2f}M parameters" in card.text and "2x downsampling" in card.text
+
+
+def test_push_to_hub_without_the_packages_card_is_diffusers_own(tiny_vae, fake_hub, monkeypatch):
+    """As remote code, where the package is absent and so is its card renderer: diffusers' push_to_hub (which saves
+    through save_pretrained, modeling file included); a card given explicitly is still uploaded."""
+    from diffusers import ModelMixin
+
+    pushed = []
+    monkeypatch.setattr(ModelMixin, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, kw)) or "url")
+    monkeypatch.setattr(CustomVAE, "model_card_renderer", None)
+    assert tiny_vae.push_to_hub("user/dog-vae", token="hf_secret", variant="fp16") == "url"
+    assert pushed == [
+        (
+            "user/dog-vae",
+            dict(
+                commit_message=None,
+                private=None,
+                token="hf_secret",
+                create_pr=False,
+                safe_serialization=True,
+                variant="fp16",
+            ),
+        )
+    ]
+    assert fake_hub.uploads == []
+    tiny_vae.push_to_hub("user/dog-vae", model_card=ModelCard("---\nlicense: mit\n---\n# My card"))
+    assert "# My card" in (fake_hub.uploads[0].folder / "README.md").read_text()
+
+
+def test_push_pipeline_to_hub_uploads_what_loads_without_the_package(fake_hub):
+    from tiny_pipelines import tiny_custom_vae, tiny_pipeline
+
+    from diffusers_custom_vae import LatentSpaceWarning, push_pipeline_to_hub, swap_vae
+
+    pipe = tiny_pipeline()
+    with pytest.warns(LatentSpaceWarning):
+        swap_vae(pipe, tiny_custom_vae())
+    url = push_pipeline_to_hub(pipe, "user/dog-pipe", token="hf_secret")
+    assert url.startswith("https://huggingface.co/user/dog-pipe")
+    (upload,) = fake_hub.uploads
+    assert upload.message == "Upload StableDiffusionPipeline" and upload.token == "hf_secret"
+    index = json.loads((upload.folder / "model_index.json").read_text())
+    assert index["vae"] == ["modeling_custom_vae", "CustomVAE"]
+    assert (upload.folder / "vae" / "modeling_custom_vae.py").is_file()
+    card = ModelCard.load(upload.folder / "README.md")
+    assert card.data.library_name == "diffusers" and "diffusers_custom_vae" in card.data.tags
+    assert 'DiffusionPipeline.from_pretrained("user/dog-pipe", trust_remote_code=True)' in card.text
+    assert "latent space of its own" in card.text
+
+    fake_hub.existing_files.add("README.md")  # a card already in the repo is kept
+    push_pipeline_to_hub(pipe, "user/dog-pipe")
+    assert not (fake_hub.uploads[1].folder / "README.md").exists()

@@ -4,7 +4,6 @@ cache with no network, and checkpoints that must fail loudly instead of loading 
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,29 +18,6 @@ from diffusers_custom_vae import CustomVAE
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMMIT = "6dd927e8f7109261a3c0b6d2e4f5a1b9c8d7e6f5"  # any 40 hex digits: the snapshot folder's name
-
-
-class NetworkAttempted(RuntimeError):
-    """Raised by the socket guard; not an OSError, so no HTTP client mistakes it for a flaky connection and retries."""
-
-
-@pytest.fixture
-def network_attempts(monkeypatch) -> list:
-    """Offline mode, and every name lookup or connection the test still tries, each refused at once.
-
-    huggingface_hub reads HF_HUB_OFFLINE once, at import (`constants.is_offline_mode()` returns that value): conftest
-    sets the variable before the import, and this makes sure of it whatever was imported first."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise NetworkAttempted(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return attempts
 
 
 @pytest.fixture
@@ -65,19 +41,20 @@ def assert_same_weights(vae: CustomVAE, expected: CustomVAE):
 
 
 def make_hub_cache(cache: Path, saved_folder: Path, repo_id: str = "user/dog-vae") -> Path:
-    """Lays `saved_folder` out as huggingface_hub's cache does:
-    models--user--dog-vae/{refs/main, blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>}."""
+    """Lays `saved_folder` (subfolders included) out as huggingface_hub's cache does:
+    models--user--dog-vae/{refs/main, blobs/<sha256>, snapshots/<commit>/<path> -> ../../blobs/<sha256>}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     (repo / "blobs").mkdir()
     snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for file in saved_folder.iterdir():
+    for file in sorted(path for path in saved_folder.rglob("*") if path.is_file()):
         data = file.read_bytes()
         blob = hashlib.sha256(data).hexdigest()
         (repo / "blobs" / blob).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+        link = snapshot / file.relative_to(saved_folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(os.path.relpath(repo / "blobs" / blob, link.parent)))
     return cache
 
 
@@ -97,7 +74,7 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 def test_round_trip_is_bit_exact(saved, tiny_vae):
-    assert sorted(os.listdir(saved)) == ["config.json", WEIGHTS]
+    assert sorted(os.listdir(saved)) == ["config.json", WEIGHTS, "modeling_custom_vae.py"]
     loaded, info = CustomVAE.from_pretrained(saved, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert public_config(loaded) == public_config(tiny_vae)
@@ -118,7 +95,12 @@ def test_fp16_variant_is_saved_and_picked(saved, tiny_config, tiny_vae):
     torch.manual_seed(1)
     other = CustomVAE(**tiny_config).half()  # different weights, so the file that was read can be told apart
     other.save_pretrained(saved, variant="fp16")
-    assert sorted(os.listdir(saved)) == ["config.json", "diffusion_pytorch_model.fp16.safetensors", WEIGHTS]
+    assert sorted(os.listdir(saved)) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+        WEIGHTS,
+        "modeling_custom_vae.py",
+    ]
 
     variant = CustomVAE.from_pretrained(saved, variant="fp16", torch_dtype=torch.float16)
     assert variant.dtype == torch.float16
@@ -141,7 +123,7 @@ def test_network_guard_catches_hub_calls(tmp_path, saved, network_attempts, monk
     # Online, the same load asks the Hub first: the guard refuses it, so the offline test above would fail too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cache = make_hub_cache(tmp_path / "cache", saved)
-    with pytest.raises(NetworkAttempted):
+    with pytest.raises(RuntimeError, match="network access attempted"):
         CustomVAE.from_pretrained("user/dog-vae", cache_dir=cache)
     assert network_attempts
 
@@ -201,7 +183,7 @@ def test_truncated_weights_file_is_an_oserror(saved, kept):
     [
         (dict(latent_channels=3), "conv_in.weight"),  # same modules, other shapes
         (dict(layers_per_block=2), "decoder.blocks"),  # other modules at the same names
-        (dict(mid_block_add_attention=False), "expected shape"),  # fewer modules: later ones shift onto other shapes
+        (dict(mid_block_add_attention=False), "mismatched shapes"),  # fewer modules: later ones shift onto others
     ],
     ids=["latent-channels", "layers-per-block", "no-attention"],
 )
@@ -243,3 +225,115 @@ def test_folder_that_does_not_exist_is_an_oserror(tmp_path, network_attempts):
     with pytest.raises(OSError, match="not the path to a directory"):
         CustomVAE.from_pretrained(tmp_path / "no-such-folder")
     assert network_attempts == []
+
+
+def test_weights_are_checked_whatever_diffusers_says(saved, monkeypatch):
+    """The checks read the files: they neither match nor need the words of diffusers' errors."""
+    from diffusers import ModelMixin
+
+    def reworded(cls, *args, **kwargs):
+        raise RuntimeError("a message diffusers never wrote")
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(reworded))
+    with pytest.raises(RuntimeError, match="never wrote"):  # nothing wrong in the files: diffusers' error stands
+        CustomVAE.from_pretrained(saved)
+    edit_config(saved, latent_channels=3)
+    with pytest.raises(ValueError, match="don't fit its config.json .*conv_in.weight") as error:
+        CustomVAE.from_pretrained(saved)
+    assert isinstance(error.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64], ids=["int8", "bool", "int64"])
+@pytest.mark.parametrize("torch_dtype", [None, torch.float16], ids=["as-saved", "float16"])
+def test_weights_that_are_not_floating_point_are_refused(saved, dtype, torch_dtype):
+    def edit(state):
+        state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].to(dtype)
+
+    edit_weights(saved, edit)
+    with pytest.raises(ValueError, match=rf"not floating-point: decoder.conv_out.weight \({dtype}\)"):
+        CustomVAE.from_pretrained(saved, torch_dtype=torch_dtype)
+
+
+def test_weights_that_overflow_torch_dtype_are_refused(saved):
+    def edit(state):
+        state["encoder.conv_out.bias"][0] = 1e6  # finite in float32, inf in float16 (largest: 65504)
+
+    edit_weights(saved, edit)
+    assert CustomVAE.from_pretrained(saved).encoder.conv_out.bias[0] == 1e6
+    with pytest.raises(ValueError, match=r"become inf in the dtype .*: encoder.conv_out.bias \(torch.float16\)"):
+        CustomVAE.from_pretrained(saved, torch_dtype=torch.float16)
+
+
+def save_as_pickle(folder: Path, payload) -> None:
+    """Replaces the safetensors file with a `.bin` written by torch.save, which diffusers reads when no safetensors
+    file is there."""
+    (folder / WEIGHTS).unlink()
+    torch.save(payload, folder / "diffusion_pytorch_model.bin")
+
+
+def test_pickled_state_dict_loads_with_the_same_weights(saved, tiny_vae):
+    save_as_pickle(saved, tiny_vae.state_dict())
+    assert_same_weights(CustomVAE.from_pretrained(saved), tiny_vae)
+
+
+def test_pickle_holding_python_objects_is_refused_for_safety(saved, tiny_vae):
+    save_as_pickle(saved, {**tiny_vae.state_dict(), "model": torch.nn.Linear(2, 2)})
+    with pytest.raises(OSError, match=r"is a pickle that holds Python objects .*Linear.*refused for safety") as error:
+        CustomVAE.from_pretrained(saved)
+    assert "truncated" not in str(error.value)
+
+
+def test_sharded_checkpoint_is_checked_shard_by_shard(tmp_path, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path, max_shard_size="4KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    assert_same_weights(CustomVAE.from_pretrained(tmp_path), tiny_vae)
+
+    state = load_file(shards[-1])
+    name = next(iter(state))
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, shards[-1], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"NaN or inf weights in \\['{name}'\\]"):
+        CustomVAE.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- device_map
+
+
+def assert_same_outputs(vae: CustomVAE, expected: CustomVAE):
+    x = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae(x).sample, expected(x).sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "device_map_kwargs",
+    [
+        dict(device_map="auto", max_memory={"cpu": 2_000}),  # room for no weight: all go to the disk
+        dict(device_map={"encoder": "cpu", "decoder": "disk"}),
+    ],
+    ids=["auto-small-max-memory", "encoder-cpu-decoder-disk"],
+)
+def test_device_map_with_offload_gives_the_outputs_of_a_plain_load(tmp_path, saved, tiny_vae, device_map_kwargs):
+    """As diffusers tests its models' CPU and disk offload: outputs identical to the model loaded whole."""
+    offload_folder = tmp_path / "offload"
+    vae = CustomVAE.from_pretrained(saved, offload_folder=offload_folder, **device_map_kwargs)
+    assert "disk" in vae.hf_device_map.values()
+    assert any(p.is_meta for p in vae.parameters())  # the offloaded weights live in offload_folder, not in memory
+    assert_same_outputs(vae, tiny_vae)
+    assert_same_outputs(vae, CustomVAE.from_pretrained(saved))
+
+
+def test_device_map_still_refuses_missing_and_non_finite_weights(tmp_path, saved):
+    def edit(state):
+        del state["decoder.conv_out.bias"]
+        state["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+
+    edit_weights(saved, edit)
+    for device_map in ("cpu", {"encoder": "cpu", "decoder": "disk"}):
+        with pytest.raises(ValueError, match="missing keys: decoder.conv_out.bias"):
+            CustomVAE.from_pretrained(saved, device_map=device_map, offload_folder=tmp_path / "offload")
+
+    edit_weights(saved, lambda state: state.update({"decoder.conv_out.bias": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"NaN or inf weights in \['encoder.conv_in.weight'\]"):
+        CustomVAE.from_pretrained(saved, device_map={"encoder": "disk", "decoder": "cpu"}, offload_folder=tmp_path)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from diffusers_custom_vae import CustomVAE, CustomVAEOutput, tutorial
 from diffusers_custom_vae.modeling_custom_vae import (
@@ -442,6 +443,72 @@ def test_attention_block_equals_the_tutorial(num_heads):
     torch.testing.assert_close(block(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
+def attention_names(vae) -> list[str]:
+    return [f"{name}.processor" for name, module in vae.named_modules() if isinstance(module, SelfAttention)]
+
+
+def test_attention_processors_are_listed_and_set_as_for_autoencoder_kl(tiny_vae):
+    """As diffusers tests its models' processors: listed by module path, settable at once or one by one, and the
+    default processor (the explicit softmax) agrees with scaled_dot_product_attention."""
+    from tiny_pipelines import tiny_autoencoder_kl
+
+    autoencoder_kl = tiny_autoencoder_kl()  # the control: what SD scripts find on `pipe.vae` today
+    processors = tiny_vae.attn_processors
+    assert sorted(processors) == sorted(attention_names(tiny_vae))
+    assert len(processors) == 2  # one at the encoder's bottleneck, one at the decoder's
+    kinds = lambda vae: {type(processor) for processor in vae.attn_processors.values()}
+    assert kinds(tiny_vae) == kinds(autoencoder_kl) == {AttnProcessor2_0}
+
+    x = random_images(2, 3, 16, 24)
+    with torch.no_grad():
+        scaled_dot_product = tiny_vae(x).sample
+        tiny_vae.set_default_attn_processor()
+        autoencoder_kl.set_default_attn_processor()
+        assert kinds(tiny_vae) == kinds(autoencoder_kl) == {AttnProcessor}
+        explicit = tiny_vae(x).sample
+        tiny_vae.set_attn_processor({name: AttnProcessor2_0() for name in processors})
+        again = tiny_vae(x).sample
+    torch.testing.assert_close(explicit, scaled_dot_product, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, scaled_dot_product)
+    with pytest.raises(ValueError, match="number of processors 1 does not match the number of attention layers: 2"):
+        tiny_vae.set_attn_processor({attention_names(tiny_vae)[0]: AttnProcessor()})
+
+
+def test_processors_that_expect_separate_q_k_v_are_refused_by_name(tiny_vae):
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    with pytest.raises(ValueError, match="one fused projection .*AttnProcessor2_0.*got SlicedAttnProcessor"):
+        tiny_vae.set_attn_processor(SlicedAttnProcessor(slice_size=1))
+    assert {type(p) for p in tiny_vae.attn_processors.values()} == {AttnProcessor2_0}
+
+
+def test_fusing_qkv_changes_neither_outputs_nor_state_dict_names(tiny_vae):
+    """q, k, v are one Linear already: fusing (as pipelines do it for AutoencoderKL) and unfusing are no-ops."""
+    x = random_images(2, 3, 16, 24)
+    names = list(tiny_vae.state_dict())
+    with torch.no_grad():
+        expected = tiny_vae(x).sample
+        tiny_vae.fuse_qkv_projections()
+        tiny_vae.set_attn_processor(FusedAttnProcessor2_0())
+        fused = tiny_vae(x).sample
+        tiny_vae.unfuse_qkv_projections()
+        unfused = tiny_vae(x).sample
+    assert torch.equal(fused, expected) and torch.equal(unfused, expected)
+    assert list(tiny_vae.state_dict()) == names
+    assert any(name.endswith("attention.projection.weight") for name in names)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_explicit_softmax_processor_equals_the_tutorial(num_heads):
+    torch.manual_seed(0)
+    reference = tutorial.SelfAttention(32, num_heads)
+    attention = SelfAttention(32, num_heads)
+    attention.load_state_dict(reference.state_dict(), strict=True)
+    attention.set_processor(AttnProcessor())
+    x = torch.randn(2, 35, 32)
+    torch.testing.assert_close(attention(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- tutorial
 
 
@@ -636,3 +703,41 @@ def test_model_declares_what_diffusers_reads():
     class_names = {type(module).__name__ for module in CustomVAE().modules()}
     assert CustomVAE._no_split_modules and set(CustomVAE._no_split_modules) <= class_names
     assert CustomVAE._supports_gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "offload_type, options",
+    [("block_level", dict(num_blocks_per_group=1)), ("leaf_level", {})],
+    ids=["block-level", "leaf-level"],
+)
+def test_group_offloading_gives_the_same_outputs(tiny_vae, offload_type, options):
+    """As diffusers tests its models' group offloading (without CUDA streams: onloading to the CPU is all a CPU-only
+    machine can check, but the hooks wrap the same modules as on a GPU)."""
+    x = random_images(2, 3, 16, 24)
+    with torch.no_grad():
+        expected = tiny_vae(x).sample
+        cpu = torch.device("cpu")
+        tiny_vae.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type, **options)
+        assert torch.equal(tiny_vae(x).sample, expected)
+
+
+def test_layerwise_casting_stores_bfloat16_and_keeps_group_norms_float32(tiny_vae):
+    x = random_images(2, 3, 16, 24)
+    with torch.no_grad():
+        expected = tiny_vae(x).sample
+        tiny_vae.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        output = tiny_vae(x).sample
+    dtypes = {name: p.dtype for name, p in tiny_vae.named_parameters()}
+    assert dtypes["encoder.conv_in.weight"] == dtypes["encoder.blocks.3.attention.projection.weight"] == torch.bfloat16
+    assert {dtype for name, dtype in dtypes.items() if "norm" in name} == {torch.float32}
+    assert output.dtype == torch.float32
+    # Measured: 0.024 at most, with outputs up to 1.9 (bfloat16 keeps 8 bits of mantissa).
+    assert (output - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
+def test_decode_compiles_without_graph_breaks(tiny_vae):
+    compiled = torch.compile(tiny_vae.decode, fullgraph=True)  # fullgraph: any graph break raises
+    z = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(z).sample, tiny_vae.decode(z).sample, atol=1e-5, rtol=1e-5)

@@ -126,6 +126,20 @@ def test_pipelines_from_pretrained_with_vae_and_from_pipe(tmp_path):
     assert generate(image_to_image)[0].size == (96, 64)
 
 
+def test_pipeline_qkv_fusion_refuses_a_custom_vae_and_vae_false_is_the_workaround():
+    """diffusers' `pipe.fuse_qkv_projections()` takes only an AutoencoderKL; CustomVAE's q, k, v are fused already."""
+    pipe = tiny_pipeline()
+    swap_scratch_vae(pipe, tiny_custom_vae())
+    expected = generate(pipe, output_type="np")
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        pipe.fuse_qkv_projections()
+    pipe.unfuse_qkv_projections(vae=False)  # the refusal came after the UNet was fused
+    pipe.fuse_qkv_projections(vae=False)
+    np.testing.assert_allclose(generate(pipe, output_type="np"), expected, atol=1e-5)
+    pipe.unfuse_qkv_projections(vae=False)
+    np.testing.assert_allclose(generate(pipe, output_type="np"), expected, atol=1e-6)
+
+
 def test_a_bfloat16_unet_gets_a_bfloat16_custom_vae():
     pipe = tiny_pipeline().to(torch.bfloat16)
     swap_scratch_vae(pipe, tiny_custom_vae())

@@ -40,7 +40,12 @@ def test_the_model_snippet_runs(tmp_path, monkeypatch):
     assert namespace["reconstruction"].shape == (2, 3, 256, 256)
     assert namespace["output"].sample.shape == (2, 3, 256, 256)
     assert (tmp_path / "dog-vae" / "config.json").exists()
-    assert [p.name for p in uploaded[0]] == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert [p.name for p in uploaded[0]] == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "modeling_custom_vae.py",
+    ]
 
 
 def test_the_scaling_factor_snippet_runs(tiny_vae, tmp_path, monkeypatch):

@@ -12,8 +12,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torch import nn
 
-from ..evaluation import comparison_grid, evaluate_vae, load_vae, vae_class
+from ..evaluation import comparison_grid, evaluate_vae
 from ..latents import estimate_scaling_factor
+from ..loading import load_vae, vae_class
 from ..losses import PatchDiscriminator, VAELoss
 from ..metrics import psnr, ssim
 from ..modeling_custom_vae import CustomVAE, CustomVAEOutput
