@@ -1,19 +1,17 @@
 """Benchmark `CustomVAE` against the tutorial's own VAE and diffusers' `AutoencoderKL` of equal width.
 
-    python benchmarks/benchmark_vae.py [--quick] [--device cpu|cuda] [--output BENCHMARKS.md]
+    python -m benchmarks.benchmark_vae [--quick] [--device cpu|cuda] [--output BENCHMARKS.md]
 
 In one run on one machine, for the three models: training-step images/s, encode and decode images/s, and the time and
 peak memory of decoding one large image with and without tiling, each in a process of its own so that peaks don't mix.
-The report, with the targets of issue 2 checked, is printed and written into this script's section of BENCHMARKS.md.
+The report, with CustomVAE's targets checked, is printed and written into this module's section of BENCHMARKS.md.
 `--quick` runs every code path at tiny sizes (a smoke test: the numbers mean nothing).
 """
 
 import argparse
-import gc
 import multiprocessing
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,15 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _report import machine_description, write_section
-from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from diffusers_custom_vae import CustomVAE, tutorial
 
+from .measure import PeakMemory, available_gb, interleaved_times
+from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
+from .report import Target, machine_description, write_section
+
 SECTION = "benchmark_vae"
-WIDTHS = (32, 64, 128, 128)  # CustomVAE's default block_out_channels, given to AutoencoderKL too
-DOWNSAMPLING = 8
+COMMAND = "python -m benchmarks.benchmark_vae"
+DOWNSAMPLING = 8  # all three models
 LATENT_CHANNELS = 4
 KL_WEIGHT = 1e-6
 
@@ -44,15 +44,15 @@ class Plan:
     train: dict[int, int]  # resolution -> batch size of one training step
     inference: dict[int, int]  # resolution -> batch size of one encode or decode
     large_decode: tuple[int, ...]  # sides of the single images decoded, each in a process of its own
-    warmup: int  # untimed calls before each timed series
-    repeats: int  # timed calls; their median counts
+    rounds: int  # turns each model takes at a training or inference case (see measure.interleaved_times)
+    min_run_time: float  # seconds of timed calls per turn (at least one call), after one untimed warm-up call
     tile: int  # tile side for enable_tiling, in pixels
 
 
 FULL = Plan(
-    train={64: 8, 128: 4}, inference={256: 2, 512: 1}, large_decode=(1024, 2048), warmup=1, repeats=5, tile=512
+    train={64: 8, 128: 4}, inference={256: 2, 512: 1}, large_decode=(1024, 2048), rounds=3, min_run_time=1.0, tile=512
 )
-QUICK = Plan(train={16: 2, 32: 2}, inference={32: 2, 64: 1}, large_decode=(96,), warmup=1, repeats=1, tile=64)
+QUICK = Plan(train={16: 2, 32: 2}, inference={32: 2, 64: 1}, large_decode=(96,), rounds=1, min_run_time=0.0, tile=64)
 
 
 @dataclass(frozen=True)
@@ -70,23 +70,10 @@ def _posterior_moments(vae, images):
     return posterior.mean, posterior.logvar
 
 
-def equal_width_autoencoder_kl() -> AutoencoderKL:
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * len(WIDTHS),
-        up_block_types=("UpDecoderBlock2D",) * len(WIDTHS),
-        block_out_channels=WIDTHS,
-        layers_per_block=2,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
-    )
-
-
 SUBJECTS = {
     "CustomVAE": Subject(CustomVAE, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True),
     "tutorial": Subject(tutorial.VAE, lambda vae, x: vae.encoder(x), lambda vae, z: vae.decoder(z), tiles=False),
-    "AutoencoderKL": Subject(
-        equal_width_autoencoder_kl, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True
-    ),
+    "AutoencoderKL": Subject(autoencoder_kl, _posterior_moments, lambda vae, z: vae.decode(z).sample, tiles=True),
 }
 
 
@@ -98,26 +85,9 @@ def enable_tiling(name: str, vae, tile: int):
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // DOWNSAMPLING
 
 
-def synchronize(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(calls: dict[str, Callable[[], object]], plan: Plan, device: str) -> dict[str, float]:
-    """Median seconds of each model's call. The models take turns call by call, so that a change in the machine's
-    load (others' work on a shared machine) falls on all of them alike."""
-    for call in calls.values():
-        for _ in range(plan.warmup):
-            call()
-    seconds = {name: [] for name in calls}
-    for _ in range(plan.repeats):
-        for name, call in calls.items():
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in seconds.items()}
+def median_seconds(calls: dict[str, Callable[[], object]], plan: Plan) -> dict[str, float]:
+    measurements = interleaved_times(calls, plan.rounds, plan.min_run_time)
+    return {name: measurement.median for name, measurement in measurements.items()}
 
 
 def _training_step(subject: Subject, vae, images: torch.Tensor) -> Callable[[], None]:
@@ -140,7 +110,7 @@ def _training_step(subject: Subject, vae, images: torch.Tensor) -> Callable[[], 
 def training_images_per_second(vaes: dict, resolution: int, batch: int, plan: Plan, device: str) -> dict[str, float]:
     images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     steps = {name: _training_step(SUBJECTS[name], vae, images) for name, vae in vaes.items()}
-    seconds = median_seconds(steps, plan, device)
+    seconds = median_seconds(steps, plan)
     for vae in vaes.values():
         vae.zero_grad(set_to_none=True)
     return {name: batch / seconds[name] for name in vaes}
@@ -159,84 +129,40 @@ def inference_images_per_second(
     for name, vae in vaes.items():
         run_model = getattr(SUBJECTS[name], "moments" if operation == "encode" else "decode")
         calls[name] = partial(run_model, vae.eval(), inputs)
-    seconds = median_seconds(calls, plan, device)
+    seconds = median_seconds(calls, plan)
     return {name: batch / seconds[name] for name in vaes}
 
 
 # Decoding one large image, in a process of its own.
 
 
-def _proc_status_gb(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in GB."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024 / 1e9
-
-
-class PeakMemory:
-    """Peak memory of what runs inside `with`, above the memory in use when it starts (`baseline_gb`): on CPU the
-    process's peak resident set size (reset on entry through /proc/self/clear_refs), on CUDA max_memory_allocated."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline_gb = torch.cuda.memory_allocated() / 1e9
-        else:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # peak resident set size := resident set size now
-            self.baseline_gb = _proc_status_gb("VmRSS")
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak_gb = torch.cuda.max_memory_allocated() / 1e9 - self.baseline_gb
-        else:
-            self.peak_gb = _proc_status_gb("VmHWM") - self.baseline_gb
-
-
 @torch.no_grad()
 def measure_large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str) -> dict:
-    """Seconds and peak memory of decoding one size x size image; run alone in its process."""
+    """Seconds of decoding one size x size image (one untimed warm-up decode, then one timed) and the peak memory of
+    both; run alone in its process."""
     subject = SUBJECTS[name]
     torch.manual_seed(0)
     vae = subject.build().to(device).eval()
     if tiled:
         enable_tiling(name, vae, plan.tile)
     latents = torch.randn(1, LATENT_CHANNELS, size // DOWNSAMPLING, size // DOWNSAMPLING, device=device)
-    subject.decode(vae, latents[..., :8, :8])  # first-call set-up (kernel selection) is not part of decoding
     with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        subject.decode(vae, latents)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_gb": memory.peak_gb, "baseline_gb": memory.baseline_gb}
+        decode = partial(subject.decode, vae, latents)
+        measurement = interleaved_times({name: decode}, rounds=1, min_run_time=0)[name]
+    return {"seconds": measurement.median, "peak_gb": memory.peak_gb, "baseline_gb": memory.baseline_gb}
 
 
 def estimated_decode_gb(name: str, size: int, tiled: bool, plan: Plan) -> float:
     """Memory one decode needs above the loaded model, roughly: the larger of six float32 activations of the widest
     full-resolution layer (64 channels; CustomVAE peaks at about five) and, for the tutorial, the two (heads, T, T)
     float32 attention matrices its explicit softmax holds at once (T = latent pixels of a tile); plus the output and
-    its blending weights: 8.6 GB for the tutorial at 1024x1024 (issue 2 measured about 8.7)."""
+    its blending weights: 8.6 GB for the tutorial at 1024x1024 (measured: 8.65)."""
     side = min(size, plan.tile) if tiled else size
-    activations = 6 * side**2 * WIDTHS[1] * 4
+    activations = 6 * side**2 * CUSTOM_VAE_WIDTHS[1] * 4
     heads, tokens = 4, (side // DOWNSAMPLING) ** 2
     attention = 2 * heads * tokens**2 * 4 if name == "tutorial" else 0
     output = 2 * 4 * size**2 * 4
     return (max(activations, attention) + output) / 1e9
-
-
-def available_gb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0] / 1e9
-    with open("/proc/meminfo") as meminfo:
-        line = next(line for line in meminfo if line.startswith("MemAvailable:"))
-    return int(line.split()[1]) * 1024 / 1e9
 
 
 def large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str, processes) -> dict | str:
@@ -250,7 +176,7 @@ def large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str, pro
         try:
             return process.submit(measure_large_decode, name, size, tiled, plan, device).result()
         except BrokenProcessPool:
-            return "failed: the process died (out of memory?)"
+            return "failed: the process died (out of memory? its error, if any, is printed above)"
 
 
 # The run and its report.
@@ -262,11 +188,11 @@ def run(plan: Plan, device: str) -> dict:
     for name, subject in SUBJECTS.items():
         torch.manual_seed(0)
         vaes[name] = subject.build().to(device)
-    # Each large decode gets a process of its own, forked from a server that has only imported the libraries:
-    # nothing left in memory from earlier cases, and the imports are paid once. (Preloading "__main__" does nothing on
-    # Python 3.11, so each process runs this script's top level again: cheap, its imports being done.)
+    # Each large decode gets a process of its own, forked from a server that has only imported this module and its
+    # libraries: nothing left in memory from earlier cases, and the imports are paid once. (Under `python -m`, each
+    # process also runs this module's top level again as its "__main__": cheap, its imports being done.)
     processes = multiprocessing.get_context("forkserver")
-    processes.set_forkserver_preload(["diffusers_custom_vae", "diffusers.models.autoencoders.autoencoder_kl", "tqdm"])
+    processes.set_forkserver_preload(["benchmarks.benchmark_vae"])
     cases = []  # (table, key, what the progress bar says, measurement() -> {model: value})
     for resolution, batch in plan.train.items():
         measure = partial(training_images_per_second, vaes, resolution, batch, plan, device)
@@ -306,42 +232,41 @@ def _table(headers: list[str], rows: list[tuple[list[str], dict]], number: Calla
     return lines
 
 
-def _check(passed: bool, target: str, detail: str) -> str:
-    return f"- **{'PASS' if passed else 'FAIL'}**: {target}: {detail}"
-
-
-def _targets(results: dict, plan: Plan) -> list[str]:
-    """The targets of issue 2, each checked on CustomVAE's numbers."""
-    lines = []
+def targets(results: dict, plan: Plan) -> list[Target]:
+    """CustomVAE's targets: it trains at least as fast as AutoencoderKL of equal width; a large image decoded with
+    tiling stays under 3 GB; and decode time grows with the pixels, not faster (per megapixel, a large image costs at
+    most 1.5x a small one)."""
+    found = []
     for resolution, speeds in results["train"].items():
         mine, theirs = speeds["CustomVAE"], speeds["AutoencoderKL"]
-        target = f"training throughput at {resolution} px >= AutoencoderKL's at equal width"
-        lines.append(_check(mine >= theirs, target, f"{mine / theirs:.2f}x ({mine:.2f} vs {theirs:.2f} images/s)"))
+        what = f"training throughput at {resolution} px at least AutoencoderKL's at equal width"
+        detail = f"{mine / theirs:.2f}x ({mine:.2f} vs {theirs:.2f} images/s)"
+        found.append(Target(what, mine / theirs, 1.0, at_least=True, detail=detail))
 
     large, small = plan.large_decode[-1], max(plan.inference)
-    target = f"{large}x{large} decoded (tiled) with peak memory under 3 GB"
+    what = f"{large}x{large} decoded (tiled) with a peak memory of at most 3 GB"
     case = results["large"][(large, True)]["CustomVAE"]
     if isinstance(case, str):
-        lines.append(_check(False, target, case))
+        found.append(Target(what, case, 3.0, at_least=False, detail=case))
     else:
         detail = f"{case['peak_gb']:.2f} GB above the process's {case['baseline_gb']:.2f} GB baseline"
-        lines.append(_check(case["peak_gb"] < 3, target, detail))
+        found.append(Target(what, case["peak_gb"], 3.0, at_least=False, detail=detail))
 
     small_seconds_per_megapixel = 1e6 / (results["decode"][small]["CustomVAE"] * small**2)
     for tiled in (True, False):
-        target = (
-            f"decode time per megapixel at {large}x{large} ({'tiled' if tiled else 'untiled'}) within 1.5x of that "
-            f"at {small}x{small} (untiled)"
+        what = (
+            f"decode time per megapixel at {large}x{large} ({'tiled' if tiled else 'untiled'}) at most 1.5x that at "
+            f"{small}x{small} (untiled)"
         )
         case = results["large"][(large, tiled)]["CustomVAE"]
         if isinstance(case, str):
-            lines.append(_check(False, target, case))
+            found.append(Target(what, case, 1.5, at_least=False, detail=case))
             continue
         seconds_per_megapixel = case["seconds"] * 1e6 / large**2
         ratio = seconds_per_megapixel / small_seconds_per_megapixel
         detail = f"{ratio:.2f}x ({seconds_per_megapixel:.2f} vs {small_seconds_per_megapixel:.2f} s/MP)"
-        lines.append(_check(ratio <= 1.5, target, detail))
-    return lines
+        found.append(Target(what, ratio, 1.5, at_least=False, detail=detail))
+    return found
 
 
 def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: float, load_before: float) -> str:
@@ -356,14 +281,19 @@ def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: f
         "(other work on the machine makes the timings slower and noisier)",
         f"- Models, with random weights and inputs: `CustomVAE()`, the default config ({millions['CustomVAE']:.2f} M "
         f"parameters); tutorial: `diffusers_custom_vae.tutorial.VAE`, explicit softmax attention "
-        f"({millions['tutorial']:.2f} M); `AutoencoderKL` with block_out_channels {WIDTHS}, 4 DownEncoderBlock2D / "
-        "UpDecoderBlock2D, layers_per_block 2, latent_channels 4, norm_num_groups 32 "
+        f"({millions['tutorial']:.2f} M); `AutoencoderKL` with block_out_channels {CUSTOM_VAE_WIDTHS}, "
+        "4 DownEncoderBlock2D / UpDecoderBlock2D, layers_per_block 2, latent_channels 4, norm_num_groups 32 "
         f"({millions['AutoencoderKL']:.2f} M)",
-        f"- Timing: the median of {plan.repeats} timed calls, after {plan.warmup} untimed warm-up call(s)",
+        f"- Timing: `torch.utils.benchmark`, in {plan.rounds} round(s) in which the models take turns (a change in "
+        "the machine's load falls on all of them alike); each turn is one untimed warm-up call, then timed calls "
+        f"for at least {plan.min_run_time:g} s, at least one (`Timer.blocked_autorange`). Each figure is the median "
+        "of the timed calls. Large decodes: one warm-up decode, then one timed.",
         "",
-        "### Targets (issue 2)",
+        "### Targets",
         "",
-        *_targets(results, plan),
+        "What CustomVAE is built to reach, checked on this run's numbers:",
+        "",
+        *(target.markdown() for target in targets(results, plan)),
         "",
         "### Training step, images/s (higher is better)",
         "",
@@ -394,18 +324,18 @@ def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: f
         "",
         "### Decoding one large image: seconds (lower is better)",
         "",
-        f"Each case runs in a process of its own, after a small warm-up decode. Tiling: {plan.tile} px tiles "
+        f"Each case runs in a process of its own: one warm-up decode, then one timed. Tiling: {plan.tile} px tiles "
         f"(`enable_tiling()`); CustomVAE overlaps them by {plan.tile // DOWNSAMPLING} px, AutoencoderKL by a quarter "
         "of a tile (its fixed `tile_overlap_factor`). The tutorial has no tiling.",
         "",
         *_table(["image", "tiling"], rows, lambda case: case["seconds"], 1),
     ]
     if device == "cuda":
-        definition = "torch.cuda.max_memory_allocated during the decode minus torch.cuda.memory_allocated before it"
+        definition = "torch.cuda.max_memory_allocated during the decodes minus torch.cuda.memory_allocated before them"
     else:
         definition = (
-            "the process's peak resident set size during the decode (VmHWM, reset just before it) minus its resident "
-            "set size just before it"
+            "the process's peak resident set size during the decodes (VmHWM, reset just before them) minus its "
+            "resident set size just before them"
         )
     baselines = [
         f"{name} {max(measured):.2f} GB"
@@ -423,8 +353,11 @@ def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: f
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; returns `run`'s results."""
+    parser = argparse.ArgumentParser(
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -433,7 +366,7 @@ def main():
         default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
         help="markdown file whose benchmark_vae section is rewritten (default: BENCHMARKS.md at the repository root)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given, but torch sees no CUDA device; use --device cpu.")
     if not args.output.parent.is_dir():
@@ -442,11 +375,12 @@ def main():
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     results = run(plan, args.device)
-    command = shlex.join(["python", *sys.argv])
+    command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     markdown = report(results, plan, args.device, command, time.perf_counter() - start, load_before)
     print(markdown)  # first, so that a file that can't be written loses nothing
     write_section(args.output, SECTION, markdown)
     print(f"\nWritten to the {SECTION} section of {args.output}")
+    return results
 
 
 if __name__ == "__main__":

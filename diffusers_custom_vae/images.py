@@ -5,6 +5,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageOps
 
 
@@ -69,10 +70,12 @@ def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
-    """One row per (B, 3, H, W) batch (e.g. originals above reconstructions), on a white background."""
-    batch, _, height, width = rows[0].shape
-    grid = Image.new("RGB", (batch * (width + padding) + padding, len(rows) * (height + padding) + padding), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(tensor_to_pil(row)):
-            grid.paste(image, (padding + c * (width + padding), padding + r * (height + padding)))
-    return grid
+    """One row per (B, 3, H, W) batch (e.g. originals above reconstructions), `padding` white pixels around and between
+    the images. Raises `ValueError` when the batches differ in shape."""
+    shapes = [tuple(row.shape) for row in rows]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 4:
+        raise ValueError(f"image_grid needs (B, 3, H, W) batches of one shape, got shapes {shapes}")
+    # diffusers' grid has no padding: each image brings its left and top border; then the right and bottom ones
+    tiles = [ImageOps.expand(image, (padding, padding, 0, 0), "white") for row in rows for image in tensor_to_pil(row)]
+    grid = make_image_grid(tiles, rows=len(rows), cols=shapes[0][0])
+    return ImageOps.expand(grid, (0, 0, padding, padding), "white")

@@ -1,78 +1,120 @@
-"""benchmarks/: the VAE benchmark's smoke test (`--quick` runs every code path at tiny sizes) and the report helper."""
+"""benchmarks/: how they measure, the targets they check, the section they write, and (marked slow) each `--quick`
+run, which goes through every code path at tiny sizes."""
 
-import importlib.util
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
+import json
+import math
+import time
 
 import pytest
+import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import benchmark_training, benchmark_vae
+from benchmarks.measure import PeakMemory, interleaved_times
+from benchmarks.models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
+from benchmarks.report import Target, write_section
+from diffusers_custom_vae import CustomVAE
+from diffusers_custom_vae.data import load_data
+from diffusers_custom_vae.evaluation import common_crop
+from diffusers_custom_vae.modeling_custom_vae import downsample_factor_of
+
 MODELS = ("CustomVAE", "tutorial", "AutoencoderKL")
+QUICK = benchmark_vae.QUICK
 
 
-def _benchmark_module(name: str):
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its helper `_report` from its own folder
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+def _finite_positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def _write_section():
-    return _benchmark_module("_report").write_section
+def test_interleaved_times_take_turns_and_time_each_call():
+    order = []
+    calls = {
+        "short": lambda: order.append("short"),
+        "long": lambda: (order.append("long"), time.sleep(0.05)),
+    }
+    times = interleaved_times(calls, rounds=2, min_run_time=0)
+    # Each turn: one warm-up call and one timed call; the two take turns round by round.
+    assert order == ["short", "short", "long", "long"] * 2
+    assert len(times["short"].times) == len(times["long"].times) == 2
+    assert times["long"].median >= 0.05 > times["short"].median > 0
 
 
-def test_quick_benchmark_writes_its_section_and_keeps_the_others(tmp_path):
-    output = tmp_path / "BENCHMARKS.md"
-    output.write_text("# Benchmarks\n\n<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->\n")
-    command = [sys.executable, str(BENCHMARKS / "benchmark_vae.py"), "--quick", "--output", str(output)]
-    # One thread: on a busy machine, two threads wait on each other at every small op (2 min instead of 40 s).
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_peak_memory_sees_an_allocation_and_not_what_was_there_before():
+    with PeakMemory("cpu") as memory:
+        block = torch.ones(25_000_000)  # 0.1 GB, written: resident
+        del block
+    assert math.isfinite(memory.peak_gb) and 0.099 <= memory.peak_gb < 0.5
+    assert memory.baseline_gb > 0
+    with PeakMemory("cpu") as nothing:
+        pass
+    assert 0 <= nothing.peak_gb < 0.099  # the earlier peak was reset
 
-    text = output.read_text()
-    assert "<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->" in text
-    assert text.count("<!-- benchmark_vae:start -->") == 1 and text.count("<!-- benchmark_vae:end -->") == 1
-    section = text.split("<!-- benchmark_vae:start -->")[1].split("<!-- benchmark_vae:end -->")[0]
-    assert section.strip() in done.stdout
 
-    header = "| " + " | ".join(MODELS) + " | CustomVAE / AutoencoderKL | CustomVAE / tutorial |"
-    assert section.count(header) == 4  # training, inference, large-decode time and memory
-    number = r"\d+\.\d+"
-    rows = ("16 px | 2", "32 px | 2", "encode | 32 px | 2", "decode | 64 px | 1", "96x96 | untiled")
-    for row in rows:  # three models, two ratios
-        assert re.search(rf"^\| {re.escape(row)} \|( {number} \|){{5}}$", section, re.MULTILINE), row
-    assert re.search(rf"\| 96x96 \| tiled \| {number} \| n/a \(no tiling\) \| {number} \| {number} \| - \|", section)
-
-    targets = re.findall(r"^- \*\*(PASS|FAIL)\*\*: (.*)$", section, re.MULTILINE)
-    described = [what for _, what in targets]
-    assert len(targets) == 5, targets
-    assert [w.startswith("training throughput at") for w in described] == [True, True, False, False, False]
-    assert "peak memory under 3 GB" in described[2]
-    assert all("decode time per megapixel at 96x96" in w for w in described[3:])
-    assert "torch threads: 1" in section
+def test_a_large_decode_is_timed_and_its_memory_measured_in_this_process():
+    measured = benchmark_vae.measure_large_decode("CustomVAE", 32, False, QUICK, "cpu")
+    assert _finite_positive(measured["seconds"]) and _finite_positive(measured["baseline_gb"])
+    assert math.isfinite(measured["peak_gb"]) and measured["peak_gb"] >= 0
 
 
 def test_large_decodes_that_would_exhaust_memory_are_skipped_not_run(monkeypatch):
-    benchmark = _benchmark_module("benchmark_vae")
-    monkeypatch.setattr(benchmark, "available_gb", lambda device: 16.0)
+    monkeypatch.setattr(benchmark_vae, "available_gb", lambda device: 16.0)
     # No process pool is passed: a case that tried to run would fail.
-    skipped = benchmark.large_decode("tutorial", 2048, False, benchmark.FULL, "cpu", processes=None)
+    skipped = benchmark_vae.large_decode("tutorial", 2048, False, benchmark_vae.FULL, "cpu", processes=None)
     assert skipped == "skipped: needs ~138 GB (16 GB free)"
-    assert benchmark.large_decode("tutorial", 2048, True, benchmark.FULL, "cpu", None) == "n/a (no tiling)"
-    assert benchmark.estimated_decode_gb("tutorial", 1024, False, benchmark.FULL) == pytest.approx(8.7, abs=0.2)
+    assert benchmark_vae.large_decode("tutorial", 2048, True, benchmark_vae.FULL, "cpu", None) == "n/a (no tiling)"
+    assert benchmark_vae.estimated_decode_gb("tutorial", 1024, False, benchmark_vae.FULL) == pytest.approx(
+        8.7, abs=0.2
+    )
+
+
+def _results(custom_vae_images_per_second: float, large_decode: dict | str) -> dict:
+    """Results as `benchmark_vae.run` returns them for QUICK, with CustomVAE's numbers chosen by the test."""
+    others = {"tutorial": 10.0, "AutoencoderKL": 10.0}
+    speeds = {"CustomVAE": custom_vae_images_per_second, **others}
+    return {
+        "train": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.train},
+        "encode": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.inference},
+        "decode": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.inference},
+        "large": {(96, tiled): {"CustomVAE": large_decode} for tiled in (False, True)},
+    }
+
+
+def test_vae_targets_are_met_or_missed_by_the_numbers():
+    # Decoding 12 images/s at 64x64 is 20.3 s per megapixel; one 96x96 image in 0.02 s is 2.2 s/MP: 0.11x.
+    met = benchmark_vae.targets(_results(12.0, {"seconds": 0.02, "peak_gb": 0.5, "baseline_gb": 0.4}), QUICK)
+    assert [target.met for target in met] == [True] * 5
+    assert [target.measured for target in met[:2]] == [pytest.approx(1.2)] * 2  # CustomVAE / AutoencoderKL
+    assert met[2].measured == 0.5
+    assert met[3].measured == met[4].measured == pytest.approx((0.02 * 1e6 / 96**2) / (1e6 / (12 * 64**2)))
+
+    missed = benchmark_vae.targets(_results(8.0, {"seconds": 1.0, "peak_gb": 3.5, "baseline_gb": 0.4}), QUICK)
+    assert [target.met for target in missed] == [False] * 5
+    assert all(math.isfinite(target.measured) for target in missed)
+
+    skipped = benchmark_vae.targets(_results(12.0, "skipped: needs ~9 GB (4 GB free)"), QUICK)
+    assert [target.met for target in skipped] == [True, True, False, False, False]
+    assert all(target.detail == "skipped: needs ~9 GB (4 GB free)" for target in skipped[2:])
+
+
+def test_a_target_is_missed_when_its_number_is_nan():
+    assert not Target("x", math.nan, 1.0, at_least=True, detail="").met
+    assert not Target("x", math.nan, 1.0, at_least=False, detail="").met
+    assert Target("x", 1.0, 1.0, at_least=False, detail="").met and Target("x", 1.0, 1.0, True, "").met
+
+
+def test_the_autoencoder_kl_compared_has_custom_vaes_widths_or_stable_diffusions_architecture():
+    custom, theirs = CustomVAE().config, autoencoder_kl().config
+    assert tuple(theirs.block_out_channels) == CUSTOM_VAE_WIDTHS == tuple(custom.block_out_channels)
+    assert theirs.latent_channels == custom.latent_channels and theirs.layers_per_block == custom.layers_per_block
+    assert downsample_factor_of(theirs) == downsample_factor_of(custom) == benchmark_vae.DOWNSAMPLING
+    with torch.device("meta"):  # the shapes only: no memory, no time
+        stable_diffusion = autoencoder_kl(STABLE_DIFFUSION_WIDTHS)
+    # The parameter count of stabilityai/sd-vae-ft-mse (and of SD 1.x/2.x's VAE): the same architecture.
+    assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
 
 
 def test_write_section_creates_replaces_and_appends(tmp_path):
-    write_section = _write_section()
     path = tmp_path / "BENCHMARKS.md"
     write_section(path, "first", "old")
     write_section(path, "second", "kept\n")
@@ -88,38 +130,97 @@ def test_write_section_refuses_broken_markers_and_leaves_the_file(tmp_path, cont
     path = tmp_path / "BENCHMARKS.md"
     path.write_text(content)
     with pytest.raises(ValueError, match="<!-- vae:start -->"):
-        _write_section()(path, "vae", "numbers")
+        write_section(path, "vae", "numbers")
     assert path.read_text() == content
 
 
 def test_write_section_refuses_a_name_that_cannot_be_a_marker(tmp_path):
     with pytest.raises(ValueError, match="'two words'"):
-        _write_section()(tmp_path / "BENCHMARKS.md", "two words", "numbers")
+        write_section(tmp_path / "BENCHMARKS.md", "two words", "numbers")
 
 
-def test_quick_training_benchmark_compares_both_models(tmp_path):
-    """benchmarks/benchmark_training.py --quick: both models trained by the trainer, measured, and reported."""
+def test_both_trained_models_get_the_same_budget_and_their_own_folder(tmp_path):
+    configs = benchmark_training.train_configs({"resolution": 32, "max_train_steps": 3}, tmp_path)
+    assert list(configs) == ["CustomVAE", "AutoencoderKL"]
+    ours, theirs = configs["CustomVAE"], configs["AutoencoderKL"]
+    assert ours.resolution == theirs.resolution == (32, 32) and ours.max_train_steps == theirs.max_train_steps == 3
+    differing = {name for name, value in vars(ours).items() if vars(theirs)[name] != value}
+    assert differing == {"output_dir", "model_config"} and ours.model_config is None
+    assert {ours.report_to, theirs.report_to} == {"none"}
+    with open(theirs.model_config) as file:
+        model_config = json.load(file)
+    assert model_config["_class_name"] == AutoencoderKL.__name__
+    assert tuple(model_config["block_out_channels"]) == CUSTOM_VAE_WIDTHS
+
+
+@pytest.mark.parametrize(
+    ("train_config", "message"),
+    [
+        ('{"output_dir": "x"}', "output_dir: expected TrainConfig fields other than"),
+        ('{"resolutoin": 64}', "resolutoin: expected TrainConfig fields"),
+        ("[64]", "a JSON object of TrainConfig fields was expected, got '[64]'"),
+        ('{"resolution": 60}', "resolution must be one or two positive multiples of 8"),
+    ],
+)
+def test_the_training_benchmark_refuses_a_bad_train_config_before_training(tmp_path, capsys, train_config, message):
+    with pytest.raises(SystemExit):
+        benchmark_training.main(["--train_config", train_config, "--output", str(tmp_path / "B.md")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "B.md").exists()
+
+
+def test_the_training_target_is_met_when_custom_vae_reconstructs_at_least_as_well():
+    results = lambda ours, theirs: {"CustomVAE": {"psnr": ours}, "AutoencoderKL": {"psnr": theirs}}
+    assert benchmark_training.target(results(18.2, 16.7)).met
+    assert benchmark_training.target(results(16.7, 16.7)).met
+    assert not benchmark_training.target(results(16.6, 16.7)).met
+    assert not benchmark_training.target(results(math.nan, 16.7)).met
+
+
+@pytest.mark.slow
+def test_quick_vae_benchmark_measures_every_case_and_writes_only_its_section(tmp_path, capsys):
     output = tmp_path / "BENCHMARKS.md"
-    image = tmp_path / "comparison.png"
-    command = [
-        sys.executable,
-        str(BENCHMARKS / "benchmark_training.py"),
-        "--quick",
-        "--output",
-        str(output),
-        "--image",
-        str(image),
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    section = (
-        output.read_text().split("<!-- benchmark_training:start -->")[1].split("<!-- benchmark_training:end -->")[0]
-    )
-    number = r"\d+\.\d+"
-    for model in ("CustomVAE", "AutoencoderKL"):
-        assert re.search(rf"^\| {model} \|( {number} \|){{5}}$", section, re.MULTILINE), model
-    assert re.search(r"^\*\*(PASS|FAIL)\*\* \(issue 4\): CustomVAE's held-out PSNR", section, re.MULTILINE)
-    assert "2 steps of 2 images at 32x32" in section
+    output.write_text("# Benchmarks\n\n<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->\n")
+    results = benchmark_vae.main(["--quick", "--output", str(output)])
+
+    plan = QUICK
+    for table, cases in [("train", plan.train), ("encode", plan.inference), ("decode", plan.inference)]:
+        assert list(results[table]) == list(cases)
+        assert all(_finite_positive(results[table][key][model]) for key in cases for model in MODELS), table
+    assert list(results["large"]) == [(size, tiled) for size in plan.large_decode for tiled in (False, True)]
+    for (_, tiled), case in results["large"].items():
+        for model in MODELS:
+            if model == "tutorial" and tiled:
+                assert case[model] == "n/a (no tiling)"
+                continue
+            assert _finite_positive(case[model]["seconds"]) and _finite_positive(case[model]["baseline_gb"])
+            assert math.isfinite(case[model]["peak_gb"]) and case[model]["peak_gb"] >= 0
+
+    targets = benchmark_vae.targets(results, plan)
+    assert len(targets) == 5 and all(math.isfinite(target.measured) for target in targets)
+    for target, resolution in zip(targets, plan.train):
+        speeds = results["train"][resolution]
+        assert target.measured == speeds["CustomVAE"] / speeds["AutoencoderKL"]
+        assert target.met == (speeds["CustomVAE"] >= speeds["AutoencoderKL"])
+
+    text = output.read_text()
+    assert "<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->" in text
+    section = text.split("<!-- benchmark_vae:start -->")[1].split("<!-- benchmark_vae:end -->")[0]
+    assert section.strip() in capsys.readouterr().out  # printed first: a file that can't be written loses nothing
+    assert "torch threads: 1" in section and "`python -m benchmarks.benchmark_vae --quick --output" in section
+
+
+@pytest.mark.slow
+def test_quick_training_benchmark_trains_and_compares_both_models(tmp_path):
+    output, image = tmp_path / "BENCHMARKS.md", tmp_path / "comparison.png"
+    results = benchmark_training.main(["--quick", "--output", str(output), "--image", str(image)])
+
+    assert list(results) == ["CustomVAE", "AutoencoderKL"]
+    for result in results.values():
+        assert result["train_steps"] == 2 and _finite_positive(result["train_images_per_second"])
+        assert all(math.isfinite(result[metric]) for metric in ("psnr", "ssim", "ms_ssim"))
+    side = common_crop(load_data().test).shape[-1]
+    assert Image.open(image).height == 3 * (side + 2) + 2  # the photos, then a row per model
+    section = output.read_text().split("<!-- benchmark_training:start -->")[1]
+    assert benchmark_training.target(results).markdown() in section
     assert "![held-out photos and their reconstructions](comparison.png)" in section
-    assert Image.open(image).height > 3 * 200  # the photos, then a row per model

@@ -1,14 +1,16 @@
-"""`load_image` on real files of every bit depth PIL can open: 16-bit and float images are scaled to 8 bits, not
-clipped; alpha and transparent colours are composited onto white."""
+"""diffusers_custom_vae.images: `load_image` on real files of every bit depth PIL can open (16-bit and float images
+are scaled to 8 bits, not clipped; alpha and transparent colours are composited onto white), and the grid of
+originals above reconstructions."""
 
 import struct
 import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from diffusers_custom_vae.images import load_image
+from diffusers_custom_vae.images import image_grid, load_image, tensor_to_pil
 
 # 16-bit levels and the 8-bit levels they scale to (round(v * 255 / 65535)); 65535 and 256 alike clipped to 255.
 LEVELS_16 = np.array([[0, 256, 1000, 16448, 32896, 65535]], dtype=np.uint16)
@@ -124,3 +126,24 @@ def test_a_transparent_colour_composites_onto_white_as_alpha_does(tmp_path, mode
         tmp_path / "t.png", transparency=transparent
     )
     assert pixels(tmp_path / "t.png")[0, :, 0].tolist() == [255, 128]
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_image_grid_puts_each_batch_in_a_row_on_white_padding(padding):
+    torch.manual_seed(0)
+    rows = [torch.rand(3, 3, 5, 7) * 2 - 1, torch.rand(3, 3, 5, 7) * 2 - 1]  # 2 rows of 3 images, 5x7 px
+    grid = np.asarray(image_grid(rows, padding=padding))
+
+    assert grid.shape == (2 * (5 + padding) + padding, 3 * (7 + padding) + padding, 3)
+    unpainted = np.ones(grid.shape[:2], dtype=bool)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(tensor_to_pil(row)):
+            top, left = padding + r * (5 + padding), padding + c * (7 + padding)
+            np.testing.assert_array_equal(grid[top : top + 5, left : left + 7], np.asarray(image))
+            unpainted[top : top + 5, left : left + 7] = False
+    assert (grid[unpainted] == 255).all() and unpainted.sum() == grid.shape[0] * grid.shape[1] - 6 * 5 * 7
+
+
+def test_image_grid_refuses_batches_of_different_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\), \(3, 3, 8, 8\)"):
+        image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)])

@@ -60,5 +60,6 @@ def test_the_scaling_factor_snippet_runs(tiny_vae, tmp_path, monkeypatch):
 def test_every_example_the_readme_names_exists():
     for script in set(re.findall(r"examples/(\w+)\.py", README)):
         assert (REPO / "examples" / f"{script}.py").exists(), script
-    for script in set(re.findall(r"benchmarks/(\w+)\.py", README)):
-        assert (REPO / "benchmarks" / f"{script}.py").exists(), script
+    benchmarks = re.findall(r"benchmarks/(\w+)\.py", README) + re.findall(r"python -m benchmarks\.(\w+)", README)
+    for module in set(benchmarks):
+        assert (REPO / "benchmarks" / f"{module}.py").exists(), module

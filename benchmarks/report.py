@@ -1,12 +1,35 @@
-"""BENCHMARKS.md is shared by the benchmark scripts: each owns a section between two markers and rewrites only it."""
+"""The benchmarks' reports: targets checked on the numbers, the machine in one line, and BENCHMARKS.md, which the
+benchmark scripts share: each owns a section between two markers and rewrites only it."""
 
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
 import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing a model is built to reach, checked on a run's numbers."""
+
+    what: str
+    measured: float | str  # the number held against `bound`, or why there is none
+    bound: float
+    at_least: bool  # met when measured >= bound; else when measured <= bound
+    detail: str  # the numbers behind `measured`
+
+    @property
+    def met(self) -> bool:  # False for a NaN or a missing number
+        if isinstance(self.measured, str):
+            return False
+        return self.measured >= self.bound if self.at_least else self.measured <= self.bound
+
+    def markdown(self) -> str:
+        return f"- **{'PASS' if self.met else 'FAIL'}**: {self.what}: {self.detail}"
+
 
 _HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to refresh it.\n"
 

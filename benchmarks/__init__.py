@@ -1,0 +1,8 @@
+"""Benchmarks of `CustomVAE`, run from the repository root as modules:
+
+    python -m benchmarks.benchmark_vae       # CustomVAE vs the tutorial's VAE vs AutoencoderKL: speed and memory
+    python -m benchmarks.benchmark_training  # the main job: CustomVAE vs AutoencoderKL, same trainer, same budget
+
+Each writes its own section of BENCHMARKS.md (`report.py`); `measure.py` is how they time and measure memory, and
+`models.py` builds the AutoencoderKL they compare against. Not part of the installed package.
+"""
