@@ -143,7 +143,7 @@ def test_both_trained_models_get_the_same_budget_and_their_own_folder(tmp_path):
     configs = benchmark_training.train_configs({"resolution": 32, "max_train_steps": 3}, tmp_path)
     assert list(configs) == ["CustomVAE", "AutoencoderKL"]
     ours, theirs = configs["CustomVAE"], configs["AutoencoderKL"]
-    assert ours.resolution == theirs.resolution == (32, 32) and ours.max_train_steps == theirs.max_train_steps == 3
+    assert ours.resolution == theirs.resolution == [32, 32] and ours.max_train_steps == theirs.max_train_steps == 3
     differing = {name for name, value in vars(ours).items() if vars(theirs)[name] != value}
     assert differing == {"output_dir", "model_config"} and ours.model_config is None
     assert {ours.report_to, theirs.report_to} == {"none"}
@@ -159,7 +159,8 @@ def test_both_trained_models_get_the_same_budget_and_their_own_folder(tmp_path):
         ('{"output_dir": "x"}', "output_dir: expected TrainConfig fields other than"),
         ('{"resolutoin": 64}', "resolutoin: expected TrainConfig fields"),
         ("[64]", "a JSON object of TrainConfig fields was expected, got '[64]'"),
-        ('{"resolution": 60}', "resolution must be one or two positive multiples of 8"),
+        ('{"resolution": 0}', "resolution must be one or two positive integers"),
+        ('{"learning_rate": -1}', "--learning_rate must be a positive number, got -1"),
     ],
 )
 def test_the_training_benchmark_refuses_a_bad_train_config_before_training(tmp_path, capsys, train_config, message):

@@ -157,7 +157,8 @@ def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
 
 def read_model_config(path: str) -> tuple[type, dict]:
     """(class, config) of a `--model_config` JSON file: an object whose keys are the class's config arguments (plus
-    diffusers' own `_class_name`, `_diffusers_version`...). A misspelled key is an error, not silently dropped."""
+    what diffusers writes beside them: `_class_name`, `_diffusers_version`, `auto_map`...), so a saved model's
+    config.json works. A misspelled key is an error, not silently dropped."""
     try:
         model_config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -169,7 +170,7 @@ def read_model_config(path: str) -> tuple[type, dict]:
         )
     model_class = vae_class(model_config, path)
     known = set(inspect.signature(model_class.__init__).parameters) - {"self"}
-    unknown = sorted(key for key in model_config if not key.startswith("_") and key not in known)
+    unknown = sorted(key for key in model_config if key not in known and not key.startswith("_") and key != "auto_map")
     if unknown:
         raise ValueError(
             f"--model_config {path!r} has keys {model_class.__name__} does not take: {', '.join(unknown)}. "
