@@ -6,9 +6,10 @@ Training lives in `diffusers_custom_vae.training` (not imported here: it pulls i
 
 from .conversion import convert_tutorial_checkpoint
 from .hub import push_pipeline_to_hub  # importing hub also gives CustomVAE.push_to_hub the package's model card
+from .latent_spaces import LatentSpaceWarning, latent_space_of
 from .latents import estimate_scaling_factor
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput
-from .pipelines import LatentSpaceWarning, latent_space_of, save_pipeline, swap_vae
+from .pipelines import save_pipeline, swap_vae
 
 __all__ = [
     "CustomVAE",

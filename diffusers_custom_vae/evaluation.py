@@ -1,5 +1,7 @@
-"""Evaluating and comparing VAEs on held-out images: metrics, and a grid to look at."""
+"""Evaluating and comparing VAEs on held-out images: metrics, and a grid to look at; and how faithfully a student
+VAE distilled from a teacher stands in for it."""
 
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -7,7 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import image_grid
-from .metrics import reconstruction_metrics
+from .metrics import psnr, reconstruction_metrics
 
 
 @torch.no_grad()
@@ -52,3 +54,70 @@ def comparison_grid(vaes: Sequence, images: torch.Tensor) -> Image.Image:
     for vae in vaes:
         rows.append(vae(images.to(vae.device, vae.dtype), sample_posterior=False).sample.clamp(-1, 1).float().cpu())
     return image_grid(rows)
+
+
+@torch.no_grad()
+def evaluate_distillation(student, teacher, images: Iterable[torch.Tensor], desc: str = "distillation") -> dict:
+    r"""
+    How well a student VAE stands in for the teacher it was distilled from, on held-out images (posterior modes).
+
+    Args:
+        student (`CustomVAE`): The student, on the device to evaluate on.
+        teacher (`CustomVAE` or `AutoencoderKL`): The teacher, on its device.
+        images (iterable of `torch.Tensor`): Images (3, H, W) in [-1, 1], one at a time.
+        desc (`str`, *optional*): The progress bar's label.
+
+    Returns:
+        `dict[str, float]`, averaged over the images:
+        - `psnr`, `ssim`, `ms_ssim`: the student's decode of the teacher's latents against the originals (what a
+          pipeline whose UNet made the teacher's latents shows);
+        - `teacher_psnr`: the teacher's own decode against the originals;
+        - `student_vs_teacher_psnr`: the student's decode against the teacher's decode of the same latents;
+        - `teacher_decodes_student_psnr`: the teacher's decode of the student's latents against the originals (how
+          well the student's encoder speaks the teacher's latent space, e.g. for image-to-image);
+        - `latent_relative_error`: |student latents - teacher latents| / |teacher latents|;
+        - `decode_speedup`: the teacher's decode time over the student's, for the same latents.
+    """
+    totals, seconds, count = {}, {"student": 0.0, "teacher": 0.0}, 0
+    for vae in (teacher, student):  # first-call set-up (allocations, kernel choice) is not decoding time
+        vae.decode(torch.zeros(1, vae.config.latent_channels, 4, 4, device=vae.device, dtype=vae.dtype))
+    for image in tqdm(images, desc=desc):
+        x = image[None].to(teacher.device, teacher.dtype)
+        teacher_latents = teacher.encode(x).latent_dist.mode()
+        teacher_decode, seconds["teacher"] = _timed(teacher.decode, teacher_latents, seconds["teacher"], teacher)
+        student_decode, seconds["student"] = _timed(
+            student.decode, teacher_latents.to(student.device, student.dtype), seconds["student"], student
+        )
+        student_latents = student.encode(x.to(student.device, student.dtype)).latent_dist.mode()
+        teacher_of_student = teacher.decode(student_latents.to(teacher.device, teacher.dtype)).sample
+        x, teacher_decode, student_decode, teacher_of_student = (
+            t.float().cpu().clamp(-1, 1) for t in (x, teacher_decode, student_decode, teacher_of_student)
+        )
+        difference = (student_latents.float().cpu() - teacher_latents.float().cpu()).norm()
+        scores = reconstruction_metrics(student_decode, x) | {
+            "teacher_psnr": psnr(teacher_decode, x).item(),
+            "student_vs_teacher_psnr": psnr(student_decode, teacher_decode).item(),
+            "teacher_decodes_student_psnr": psnr(teacher_of_student, x).item(),
+            "latent_relative_error": (difference / teacher_latents.float().cpu().norm()).item(),
+        }
+        totals = {name: totals.get(name, 0.0) + value for name, value in scores.items()}
+        count += 1
+    if not count:
+        raise ValueError("evaluate_distillation needs at least one image.")
+    return {name: total / count for name, total in totals.items()} | {
+        "decode_speedup": seconds["teacher"] / max(seconds["student"], 1e-9)
+    }
+
+
+def _timed(decode, latents: torch.Tensor, seconds: float, vae) -> tuple[torch.Tensor, float]:
+    """`decode(latents).sample`, and `seconds` plus the time it took (the device's queue drained on both sides)."""
+    _synchronize(vae.device)
+    start = time.perf_counter()
+    images = decode(latents).sample
+    _synchronize(vae.device)
+    return images, seconds + time.perf_counter() - start
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
+from .latent_spaces import latent_space_of
 from .modeling_custom_vae import CustomVAE, downsample_factor_of
-from .pipelines import latent_space_of, save_pipeline
+from .pipelines import save_pipeline
 
 TEMPLATE = "custom_vae.md"
 PIPELINE_TEMPLATE = "custom_vae_pipeline.md"

@@ -4,64 +4,26 @@ A pipeline reads `vae_scale_factor` and builds its image processors from the VAE
 `pipe.vae = vae` leaves them stale, never casts dtype and leaves model offload hooks on the old VAE. `swap_vae`
 does all of it, and refuses a VAE the pipeline cannot use.
 
-A diffusion model denoises latents of one latent space: the one of the VAE it was trained with. A VAE records the
-space its latents live in in its config (`latent_space`): `None` for its own (trained from scratch), or the name of
-the space it was aligned to. Diffusers' own VAEs have no such field; `latent_space_of` recognises the pretrained
-Stable Diffusion VAEs by their scaling factor.
+A diffusion model denoises latents of one latent space: the one of the VAE it was trained with. `swap_vae` warns
+unless the new VAE is known to share the pipeline VAE's space (see `latent_spaces`).
 """
 
 import inspect
 import json
-import math
 import os
 import warnings
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 
+from .latent_spaces import LatentSpaceWarning, describe_latent_space, shares_latent_space
 from .modeling_custom_vae import CustomVAE, downsample_factor_of
-
-# Scaling factor of a pretrained AutoencoderKL -> the latent space it encodes into. Fine-tunes of a decoder
-# (sd-vae-ft-mse, sd-vae-ft-ema) keep the encoder, the latent space and the scaling factor.
-KNOWN_LATENT_SPACES = {
-    0.18215: "stable-diffusion",  # the VAE of Stable Diffusion 1.x and 2.x
-    0.13025: "stable-diffusion-xl",  # the VAE of SDXL
-}
 
 # Stable Diffusion and SDXL pipelines check only that height and width are multiples of 8 before dividing them by
 # `vae_scale_factor`: a VAE that downsamples more would silently return images of another size.
 PIPELINE_SIZE_MULTIPLE = 8
-
-
-class LatentSpaceWarning(UserWarning):
-    """A pipeline's UNet was trained on latents of another latent space than the new VAE's: expect noise."""
-
-
-def latent_space_of(vae) -> str | None:
-    r"""
-    The name of the latent space `vae` encodes into, or `None` when it has its own (or it is not known).
-
-    A VAE whose config has a `latent_space` field ([`CustomVAE`]) says it. A diffusers [`AutoencoderKL`] is
-    recognised by its scaling factor, as `KNOWN_LATENT_SPACES` lists: 0.18215 is `"stable-diffusion"` (SD 1.x and
-    2.x), 0.13025 is `"stable-diffusion-xl"`. Any other VAE, and no VAE at all, gives `None`.
-
-    Args:
-        vae (`ModelMixin`, *optional*): A VAE, or `None`.
-
-    Returns:
-        `str` or `None`: the latent space's name.
-    """
-    if vae is None:
-        return None
-    if "latent_space" in vae.config:
-        return vae.config.latent_space
-    if isinstance(vae, AutoencoderKL):
-        for scaling_factor, name in KNOWN_LATENT_SPACES.items():
-            if math.isclose(vae.config.scaling_factor, scaling_factor, rel_tol=1e-4):
-                return name
-    return None
 
 
 def swap_vae(pipe, vae):
@@ -74,7 +36,7 @@ def swap_vae(pipe, vae):
     - refuses a VAE whose latent channels differ from the ones the UNet denoises, or whose downsampling the pipeline
       cannot use (more than 8x: the pipelines accept any multiple of 8 as height and width);
     - warns ([`LatentSpaceWarning`]) when the VAE's latent space is not known to be the one of the pipeline's VAE
-      (see [`latent_space_of`]): a UNet trained in another latent space produces noise-like images;
+      (see [`shares_latent_space`]): a UNet trained in another latent space produces noise-like images;
     - registers `vae` as the pipeline's `vae` component (so `save_pretrained` saves it);
     - moves it to the UNet's device and dtype; a [`CustomVAE`] with `force_upcast=True` stays in float32 (it casts
       latents and images to and from its own dtype, so it serves a float16 or bfloat16 UNet);
@@ -176,21 +138,16 @@ def _check_compatible(pipe, vae):
         )
 
 
-def _describe_latent_space(vae) -> str:
-    space = latent_space_of(vae)
-    return "an unnamed latent space" if space is None else f"the {space!r} latent space"
-
-
 def _warn_if_latent_space_differs(pipe, vae):
-    space = latent_space_of(vae)
-    if space is not None and space == latent_space_of(pipe.vae):
+    if shares_latent_space(vae, pipe.vae):
         return
     warnings.warn(
-        f"The UNet of {type(pipe).__name__} expects latents of {_describe_latent_space(pipe.vae)} (its original "
-        f"VAE's); the new {type(vae).__name__} encodes into {_describe_latent_space(vae)}. A VAE trained from scratch "
+        f"The UNet of {type(pipe).__name__} expects latents of {describe_latent_space(pipe.vae)} (its original "
+        f"VAE's); the new {type(vae).__name__} encodes into {describe_latent_space(vae)}. A VAE trained from scratch "
         "has a latent space of its own, and a UNet only denoises latents of the space it was trained in: expect "
         "noise-like images, unless this UNet was trained on this VAE's latents. Use such a UNet, or a VAE aligned to "
-        "the UNet's latent space; VAEs that share a space carry its name in their configs (`latent_space`).",
+        "the UNet's latent space (distilled from its VAE with `--teacher_vae`); VAEs that share a space carry its "
+        "name in their configs (`latent_space`).",
         LatentSpaceWarning,
         stacklevel=3,
     )

@@ -31,7 +31,8 @@ from tiny_pipelines import (
 )
 
 from diffusers_custom_vae import CustomVAE
-from diffusers_custom_vae.pipelines import LatentSpaceWarning, latent_space_of, swap_vae
+from diffusers_custom_vae.latent_spaces import LatentSpaceWarning, latent_space_of
+from diffusers_custom_vae.pipelines import swap_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_TO_IMAGE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
