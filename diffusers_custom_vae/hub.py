@@ -6,7 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from .latent_spaces import latent_space_of
+from .latent_spaces import describe_latent_space, latent_space_of
 from .modeling_custom_vae import CustomVAE, downsample_factor_of
 from .pipelines import save_pipeline
 
@@ -26,6 +26,7 @@ def render_model_card(
     metrics_split: str = "held-out images",
     metrics_resolution: str | None = None,
     grid_image: str | None = None,
+    grid_caption: str | None = None,
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
     description: str | None = None,
@@ -43,6 +44,7 @@ def render_model_card(
         metrics_split (`str`, *optional*): What the metrics were measured on, in words.
         metrics_resolution (`str`, *optional*): The image size they were measured at, e.g. `"256x256"`.
         grid_image (`str`, *optional*): Relative path of an image of originals above reconstructions.
+        grid_caption (`str`, *optional*): What the image's rows are (default: originals, then reconstructions).
         datasets (`list[str]`, *optional*): Hub ids or names of the training data, for the card's metadata.
         license (`str`, *optional*, defaults to `"apache-2.0"`): The weights' licence, for the card's metadata.
         description (`str`, *optional*), training (`str`, *optional*), credits (`str`, *optional*): Markdown sections.
@@ -66,11 +68,12 @@ def render_model_card(
         latent_channels=config.latent_channels,
         scaling_factor=f"{config.scaling_factor:.5g}",
         shift_factor=None if config.shift_factor is None else f"{config.shift_factor:.5g}",
-        latent_space=latent_space_of(vae),
+        latent_space=describe_latent_space(vae) if latent_space_of(vae) else None,
         metrics={name: f"{value:.4g}" for name, value in (metrics or {}).items()},
         metrics_split=metrics_split,
         metrics_resolution=metrics_resolution,
         grid_image=grid_image,
+        grid_caption=grid_caption,
         description=description,
         training=training,
         credits=credits,

@@ -17,6 +17,7 @@ MINIMUMS = {
     **dict.fromkeys(["checkpointing_steps", "checkpoints_total_limit", "validation_steps"], 1),
     **dict.fromkeys(["lr_warmup_steps", "kl_warmup_steps", "disc_start", "dataloader_num_workers"], 0),
     **dict.fromkeys(["kl_scale", "ms_ssim_scale", "perceptual_scale", "disc_scale", "adam_weight_decay"], 0.0),
+    **dict.fromkeys(["latent_scale", "teacher_decode_scale"], 0.0),
 }
 
 
@@ -51,6 +52,19 @@ class TrainConfig:
     )
     pretrained_model_name_or_path: str | None = _flag(None, "continue from these weights (a folder or Hub id)")
     train_decoder_only: bool = _flag(False, "freeze the encoder: the latent space stays the pretrained one")
+    # Distillation (with --teacher_vae, the model is a student that learns the teacher's latent space)
+    teacher_vae: str | None = _flag(
+        None,
+        "distil this VAE (a folder or Hub id; AutoencoderKL or CustomVAE) into the model: the student learns to "
+        "encode into and decode from the teacher's latent space, so pipelines made for the teacher can use it",
+    )
+    teacher_vae_subfolder: str | None = _flag(None, "the teacher's subfolder, e.g. vae for a pipeline's repo")
+    latent_scale: float = _flag(
+        1.0, "distillation: weight of the student's latent regression onto the teacher's (scaled as a UNet sees them)"
+    )
+    teacher_decode_scale: float = _flag(
+        0.0, "distillation: weight of an L1 term to the teacher's own decode of the same latents (0: images only)"
+    )
     # Losses (the keyword arguments of `losses.VAELoss`)
     rec_loss: str = _flag("l1", "reconstruction loss: l1 or l2")
     ms_ssim_scale: float = _flag(0.0, "weight of the 1 - MS-SSIM term (0: off)")
@@ -102,6 +116,8 @@ class TrainConfig:
         problems = []
         if self.train_data_dir and self.dataset_name:
             problems.append("give --train_data_dir or --dataset_name, not both")
+        if self.teacher_vae_subfolder and not self.teacher_vae:
+            problems.append("--teacher_vae_subfolder needs --teacher_vae")
         if self.streaming and not self.max_train_steps:
             problems.append("--streaming needs --max_train_steps (a stream has no length)")
         for name, lowest in MINIMUMS.items():

@@ -72,6 +72,8 @@ def write_output_folder(model, objective, data, config: TrainConfig, num_process
         metrics=metrics,
         metrics_split=data.test_description,
         grid_image="reconstructions.png",
+        grid_caption=objective.grid_caption,
+        description=objective.card_description(metrics),
         datasets=data.dataset_ids or None,
         training=training_summary(config, objective, num_processes, throughput),
         credits=data.credits,

@@ -65,6 +65,24 @@ class Objective:
         """What is learned, in a clause for the model card."""
         return ""
 
+    grid_caption = "Originals (top) and reconstructions (bottom)"
+
+    def card_description(self, metrics: dict) -> str | None:
+        """A paragraph for the model card, under its first lines (`None`: none)."""
+        return None
+
+    def checkpoint_facts(self) -> dict:
+        """JSON facts a checkpoint records beside the run's position (e.g. where a teacher came from)."""
+        return {}
+
+    def check_resume(self, facts: dict, folder) -> None:
+        """Raises `ValueError` when the checkpoint at `folder` (its recorded facts) cannot be resumed with this
+        objective: here, a distillation's checkpoint resumed without its teacher."""
+        if facts.get("teacher_vae"):
+            flags = (facts["teacher_vae"], facts.get("teacher_vae_subfolder"))
+            teacher = " --teacher_vae_subfolder ".join(filter(None, flags))
+            raise ValueError(f"{folder} is a distillation: resume it with its teacher, --teacher_vae {teacher}.")
+
 
 class VAEObjective(Objective):
     """A VAE (a `CustomVAE`, or diffusers' `AutoencoderKL`) learns to reconstruct images: `losses.VAELoss`, with an
@@ -113,12 +131,7 @@ class VAEObjective(Objective):
     @property
     def description(self) -> str:
         config = self.config
-        return (
-            f"{config.rec_loss} reconstruction loss, KL weight {config.kl_scale}"
-            f"{f', MS-SSIM {config.ms_ssim_scale}' if config.ms_ssim_scale else ''}"
-            f"{f', LPIPS {config.perceptual_scale}' if config.perceptual_scale else ''}"
-            f"{f', PatchGAN {config.disc_scale} from step {config.disc_start}' if config.disc_scale else ''}"
-        )
+        return f"{config.rec_loss} reconstruction loss, KL weight {config.kl_scale}{other_terms(config)}"
 
 
 class WithPosterior(nn.Module):
@@ -135,9 +148,18 @@ class WithPosterior(nn.Module):
         return CustomVAEOutput(sample=self.vae.decode(latents).sample, latent_dist=posterior)
 
 
-def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
+def other_terms(config: TrainConfig) -> str:
+    """The optional loss terms that are on, for the model card: ", MS-SSIM 0.2, PatchGAN 0.5 from step 1000"."""
+    return (
+        f"{f', MS-SSIM {config.ms_ssim_scale}' if config.ms_ssim_scale else ''}"
+        f"{f', LPIPS {config.perceptual_scale}' if config.perceptual_scale else ''}"
+        f"{f', PatchGAN {config.disc_scale} from step {config.disc_start}' if config.disc_scale else ''}"
+    )
+
+
+def build_vae(config: TrainConfig, default=CustomVAE) -> CustomVAE | AutoencoderKL:
     """A new model from `model_config` (a CustomVAE config, or any config whose `_class_name` is AutoencoderKL), the
-    weights of `pretrained_model_name_or_path`, or the tutorial's default CustomVAE; in training mode, with the
+    weights of `pretrained_model_name_or_path`, or `default()` (the tutorial's CustomVAE); in training mode, with the
     encoder frozen for `train_decoder_only`."""
     if config.pretrained_model_name_or_path:
         vae = load_vae(config.pretrained_model_name_or_path, cache_dir=config.cache_dir)
@@ -145,7 +167,7 @@ def build_vae(config: TrainConfig) -> CustomVAE | AutoencoderKL:
         model_class, model_config = read_model_config(config.model_config)
         vae = model_class.from_config(model_config)
     else:
-        vae = CustomVAE()
+        vae = default()
     if config.train_decoder_only:  # the encoder side, AutoencoderKL's quant_conv included, keeps the latent space
         for part in (vae.encoder, getattr(vae, "quant_conv", None)):
             if part is not None:

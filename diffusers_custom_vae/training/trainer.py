@@ -27,6 +27,7 @@ from ..images import image_grid
 from ..modeling_custom_vae import downsample_factor_of
 from .checkpoints import Checkpoints, latest_checkpoint, other_runs_checkpoints
 from .config import TrainConfig
+from .distillation import DistillationObjective
 from .export import check_output_dir, write_output_folder
 from .objectives import Objective, VAEObjective
 
@@ -57,7 +58,7 @@ class Trainer:
         )
         refuse_unaware_copies(accelerator)
         set_seed(config.seed, device_specific=True)  # each rank draws its own posterior noise, reproducibly
-        self.objective = objective or VAEObjective(config)
+        self.objective = objective or (DistillationObjective(config) if config.teacher_vae else VAEObjective(config))
         self.model = self.objective.model  # `self.module` below is what accelerate wraps and the step calls
         self.data = load_data(**config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
         self.images_per_step = config.images_per_step * accelerator.num_processes
@@ -131,6 +132,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder.")
         loader = Checkpoints(self.accelerator, self.output_dir, run_id="")
         trainer_state = loader.load(folder, self.checkpointed_modules, self.checkpointed_states)
+        self.objective.check_resume(trainer_state, folder)
         self.state.load_state_dict(trainer_state)
         others = other_runs_checkpoints(self.output_dir, trainer_state["run_id"])
         self.accelerator.print(
@@ -144,9 +146,8 @@ class Trainer:
         return trainer_state["run_id"]
 
     def save_checkpoint(self):
-        self.checkpoints.save(
-            self.state.step, self.checkpointed_modules, self.checkpointed_states, self.state.state_dict()
-        )
+        facts = self.state.state_dict() | self.objective.checkpoint_facts()
+        self.checkpoints.save(self.state.step, self.checkpointed_modules, self.checkpointed_states, facts)
 
     def _max_steps(self) -> int:
         if isinstance(self.data.train, torch.utils.data.IterableDataset):
