@@ -47,8 +47,8 @@ class TrainConfig:
     # Model
     model_config: str | None = _flag(
         None,
-        "a JSON file of CustomVAE config arguments (default: the tutorial's); "
-        'with "_class_name": "AutoencoderKL", a diffusers AutoencoderKL',
+        "a JSON file of CustomVAE config arguments, or a preset: tutorial (the default), small (a fast "
+        'distillation student); with "_class_name": "AutoencoderKL", a diffusers AutoencoderKL',
     )
     pretrained_model_name_or_path: str | None = _flag(None, "continue from these weights (a folder or Hub id)")
     train_decoder_only: bool = _flag(False, "freeze the encoder: the latent space stays the pretrained one")

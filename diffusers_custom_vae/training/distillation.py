@@ -7,6 +7,7 @@ optionally to match the teacher's own decode. The teacher is frozen and never wr
 saved student keeps the teacher's `scaling_factor` and `shift_factor`, and names its latent space.
 """
 
+import dataclasses
 import hashlib
 
 import torch
@@ -21,7 +22,7 @@ from ..losses import AdversarialLoss, PatchDiscriminator, ReconstructionLoss
 from ..metrics import psnr
 from ..modeling_custom_vae import CustomVAE, downsample_factor_of
 from .config import TrainConfig
-from .objectives import Objective, build_vae, other_terms
+from .objectives import Objective, build_vae, other_terms, preset_config
 
 
 class DistillationObjective(Objective):
@@ -214,7 +215,13 @@ def teacher_source(config: TrainConfig) -> str:
 def build_student(config: TrainConfig, teacher) -> CustomVAE:
     """The student: `build_vae`'s model, by default a `CustomVAE` with the teacher's latent channels. Refused, before
     anything is written, when it is not a CustomVAE or its latents cannot be the teacher's (channels, downsampling)."""
-    student = build_vae(config, default=lambda: CustomVAE(latent_channels=teacher.config.latent_channels))
+    preset = preset_config(config.model_config or "tutorial")
+    if preset is not None and not config.pretrained_model_name_or_path:  # the default, or a preset: with the
+        latent_channels = teacher.config.latent_channels  # teacher's latent channels
+        default = lambda: CustomVAE(**{**preset, "latent_channels": latent_channels})  # noqa: E731
+        student = build_vae(dataclasses.replace(config, model_config=None), default=default)
+    else:
+        student = build_vae(config)
     if not isinstance(student, CustomVAE):
         raise ValueError(
             f"The student of a distillation is a CustomVAE (its config records the teacher's latent space); "

@@ -18,6 +18,7 @@ from ..loading import load_vae, vae_class
 from ..losses import PatchDiscriminator, VAELoss
 from ..metrics import psnr, ssim
 from ..modeling_custom_vae import CustomVAE, CustomVAEOutput
+from ..presets import PRESETS
 from .config import TrainConfig
 
 
@@ -177,10 +178,19 @@ def build_vae(config: TrainConfig, default=CustomVAE) -> CustomVAE | Autoencoder
     return vae.train()
 
 
+def preset_config(name: str) -> dict | None:
+    """The CustomVAE config of a preset's name (`presets.PRESETS`), or `None` when `name` is not one (or a file of
+    that name exists: files win)."""
+    return dict(PRESETS[name]) if name in PRESETS and not Path(name).exists() else None
+
+
 def read_model_config(path: str) -> tuple[type, dict]:
-    """(class, config) of a `--model_config` JSON file: an object whose keys are the class's config arguments (plus
-    what diffusers writes beside them: `_class_name`, `_diffusers_version`, `auto_map`...), so a saved model's
-    config.json works. A misspelled key is an error, not silently dropped."""
+    """(class, config) of a `--model_config`: a preset's name (`presets.PRESETS`: "tutorial", "small"), or a JSON
+    file of an object whose keys are the class's config arguments (plus what diffusers writes beside them:
+    `_class_name`, `_diffusers_version`, `auto_map`...), so a saved model's config.json works. A misspelled key is an
+    error, not silently dropped."""
+    if preset_config(path) is not None:
+        return CustomVAE, preset_config(path)
     try:
         model_config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
