@@ -156,11 +156,17 @@ class Checkpoints:
         for folder in ours[: max(0, len(ours) - (self.total_limit - 1))]:
             shutil.rmtree(folder)
 
-    def load(self, folder: Path, modules: dict, states: dict) -> dict:
+    def load(self, folder: Path, modules: dict, states: dict, check=None) -> dict:
         """Restores `modules` and `states` (as given to `save`) and this process's RNG states from `folder`; returns
-        its trainer state. Raises `CheckpointError` naming the damaged file and an earlier intact checkpoint."""
+        its trainer state, which `check(trainer_state, folder)` may refuse first. Raises `CheckpointError` naming the
+        damaged file and an earlier intact checkpoint."""
         try:
             trainer_state = read_state(folder)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} {self._intact_before(folder)}") from error
+        if check is not None:
+            check(trainer_state, folder)
+        try:
             for name, module in modules.items():
                 weights = safetensors.torch.load_file(folder / f"{name}.safetensors")
                 self.accelerator.unwrap_model(module).load_state_dict(weights)

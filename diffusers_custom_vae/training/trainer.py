@@ -103,7 +103,7 @@ class Trainer:
         self.state = TrainingState()
         self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
         # What a checkpoint holds: the trained modules as safetensors, the rest as state dicts of tensors and numbers.
-        self.checkpointed_modules = {"model": self.module} | {name: module for name, (module, _) in helpers.items()}
+        self.checkpointed_modules = {"model": self.model} | {name: module for name, (module, _) in helpers.items()}
         self.checkpointed_states = {"optimizer": optimizer, "scheduler": self.scheduler}
         self.checkpointed_states |= {f"{name}_optimizer": opt for name, (_, opt) in helpers.items()}
         self.checkpointed_states |= {"ema": self.ema} if self.ema is not None else {}
@@ -131,8 +131,8 @@ class Trainer:
         if not folder.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder.")
         loader = Checkpoints(self.accelerator, self.output_dir, run_id="")
-        trainer_state = loader.load(folder, self.checkpointed_modules, self.checkpointed_states)
-        self.objective.check_resume(trainer_state, folder)
+        modules, states = self.checkpointed_modules, self.checkpointed_states
+        trainer_state = loader.load(folder, modules, states, check=self.objective.check_resume)
         self.state.load_state_dict(trainer_state)
         others = other_runs_checkpoints(self.output_dir, trainer_state["run_id"])
         self.accelerator.print(
@@ -174,7 +174,7 @@ class Trainer:
             while state.step < self.max_steps:
                 tick = time.perf_counter()
                 for images in self._epoch_batches():
-                    report = self._step(images, stop.requested)
+                    report = self._step(images, stop)
                     if report is None:  # accumulating: the optimiser steps after the last micro-batch
                         continue
                     state.step += 1
@@ -215,7 +215,7 @@ class Trainer:
             raise ValueError(f"The training data gave no batch of {self.config.train_batch_size} images.")
         state.epoch, state.epoch_batches = state.epoch + 1, 0
 
-    def _step(self, images: torch.Tensor, stop_requested: bool) -> dict[str, float] | None:
+    def _step(self, images: torch.Tensor, stop: "StopRequest") -> dict[str, float] | None:
         """One batch: forward and backward; after the last batch of a step, clip, check and update. Returns the
         step's report (its terms averaged over the processes, and whether any asked to stop), or `None` while
         accumulating gradients."""
@@ -227,7 +227,7 @@ class Trainer:
             if not accelerator.sync_gradients:
                 return None
             terms["grad_norm"] = accelerator.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
-            report = self._agree(loss, terms, stop_requested)
+            report = self._agree(loss, terms, stop.requested)  # read now: a request made during this step counts
             if report.pop("non_finite"):
                 raise FloatingPointError(self._non_finite_message(report))
             for optimizer in self.optimizers:  # accelerate steps (and schedules) only when the accumulation completes
