@@ -284,7 +284,7 @@ def test_two_processes_distil_one_student(workdir, teacher, tmp_path):
     accelerate = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1".split()
     accelerate += "--mixed_precision no --dynamo_backend no".split()
     argv = flags(
-        workdir, tmp_path / "out", "--teacher_vae", str(teacher), "--disc_scale", "0.5", "--teacher_decode_scale", "1"
+        workdir, tmp_path / "out", "--teacher_vae", str(teacher), "--disc_scale", "0.5", "--train_batch_size", "2"
     )
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, *accelerate, str(REPO / "examples" / "train_vae.py"), *argv]
