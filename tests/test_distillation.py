@@ -162,6 +162,16 @@ def test_a_custom_vae_teacher_from_the_hub_cache_passes_on_its_name_and_shift(wo
     assert (config.latent_space, config.scaling_factor, config.shift_factor) == ("dogs-v1", 0.3, 0.1)
 
 
+def test_the_vae_inside_a_pipelines_folder_is_a_teacher_by_subfolder(workdir, tmp_path):
+    """`--teacher_vae <pipeline> --teacher_vae_subfolder vae`, as for stable-diffusion-v1-5's repo."""
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")  # its VAE: a tiny AutoencoderKL with SD's scaling factor
+    config = settings(workdir, tmp_path / "student", teacher_vae=str(tmp_path / "pipe"), max_train_steps=1)
+    config.teacher_vae_subfolder = "vae"
+    train(config)
+    assert CustomVAE.from_pretrained(tmp_path / "student").config.latent_space == "stable-diffusion"
+    assert f"Distilled from `{tmp_path / 'pipe'}/vae`" in (tmp_path / "student" / "README.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------------- refusals
 
 

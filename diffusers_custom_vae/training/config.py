@@ -71,7 +71,7 @@ class TrainConfig:
     kl_scale: float = _flag(
         1e-6,
         "weight of the KL term against the reconstruction summed over each image "
-        "(as in diffusers' trainer and latent diffusion)",
+        "(as in diffusers' trainer and latent diffusion; unused in distillation, where the teacher sets the space)",
     )
     kl_warmup_steps: int = _flag(0, "ramp the KL weight linearly from 0 over this many steps")
     perceptual_scale: float = _flag(0.0, "weight of the LPIPS term (0: off; needs the lpips package and its weights)")
