@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 
@@ -182,7 +183,13 @@ def test_unaware_copies_are_refused(monkeypatch):
     """torchrun without the CPU switch starts processes that each think they are alone."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="2 processes were launched but accelerate sees 1.*ACCELERATE_USE_CPU=1"):
-        refuse_unaware_copies(SimpleNamespace(num_processes=1))
+        refuse_unaware_copies(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+
+
+def test_sharded_set_ups_are_refused():
+    """FSDP and DeepSpeed shard states that the trainer's checkpoints do not hold: refused, not half-supported."""
+    with pytest.raises(ValueError, match="data-parallel.*configured for FSDP"):
+        refuse_unaware_copies(SimpleNamespace(num_processes=1, distributed_type=DistributedType.FSDP))
 
 
 def test_missing_training_extras_say_how_to_install_them(flags, tmp_path, run_example, monkeypatch, capsys):

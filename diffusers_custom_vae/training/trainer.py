@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -47,7 +47,7 @@ class Trainer:
     output folder."""
 
     def __init__(self, config: TrainConfig, objective: Objective | None = None):
-        check_output_dir(config)
+        check_output_dir(config)  # before anything is written
         self.config, self.output_dir = config, Path(config.output_dir)
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -62,7 +62,24 @@ class Trainer:
         self.model = self.objective.model  # `self.module` below is what accelerate wraps and the step calls
         self.data = load_data(**config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
         self.images_per_step = config.images_per_step * accelerator.num_processes
+        self._prepare_optimisation()
+        self.state = TrainingState()
+        self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
+        self.checkpoints = Checkpoints(accelerator, self.output_dir, self._resume(), config.checkpoints_total_limit)
+        if accelerator.is_main_process:
+            loggable = {k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("train_vae", config=loggable)
+        accelerator.print(
+            f"Training {type(self.model).__name__} on {accelerator.num_processes} process(es) "
+            f"({accelerator.distributed_type.value}, {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}): {self.max_steps} steps of {self.images_per_step} images. "
+            f"Data: {self.data.description}"
+        )
 
+    def _prepare_optimisation(self):
+        """The data loader, AdamW and the learning-rate schedule of the model, the objective's helpers (each with
+        its own AdamW), EMA, all prepared by accelerate; and what a checkpoint holds of them."""
+        config, accelerator = self.config, self.accelerator
         lr = config.learning_rate * (self.images_per_step if config.scale_lr else 1)
         betas, decay = (config.adam_beta1, config.adam_beta2), config.adam_weight_decay
         make_optimizer = lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=decay)
@@ -100,24 +117,12 @@ class Trainer:
                 model_config=self.model.config,
             )
             self.ema.to(accelerator.device)
-        self.state = TrainingState()
-        self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
-        # What a checkpoint holds: the trained modules as safetensors, the rest as state dicts of tensors and numbers.
+        # A checkpoint holds the trained modules as safetensors, the rest as state dicts of tensors and numbers.
         self.checkpointed_modules = {"model": self.model} | {name: module for name, (module, _) in helpers.items()}
         self.checkpointed_states = {"optimizer": optimizer, "scheduler": self.scheduler}
         self.checkpointed_states |= {f"{name}_optimizer": opt for name, (_, opt) in helpers.items()}
         self.checkpointed_states |= {"ema": self.ema} if self.ema is not None else {}
         self.checkpointed_states |= {"scaler": accelerator.scaler} if accelerator.scaler is not None else {}
-        self.checkpoints = Checkpoints(accelerator, self.output_dir, self._resume(), config.checkpoints_total_limit)
-        if accelerator.is_main_process:
-            loggable = {k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))}
-            accelerator.init_trackers("train_vae", config=loggable)
-        accelerator.print(
-            f"Training {type(self.model).__name__} on {accelerator.num_processes} process(es) "
-            f"({accelerator.distributed_type.value}, {accelerator.device}, mixed precision "
-            f"{accelerator.mixed_precision}): {self.max_steps} steps of {self.images_per_step} images. "
-            f"Data: {self.data.description}"
-        )
 
     def _resume(self) -> str:
         """Restores the checkpoint `resume_from_checkpoint` names ("latest": the newest in the output folder), if
@@ -359,7 +364,13 @@ def require_training_extras(config: TrainConfig):
 
 def refuse_unaware_copies(accelerator: Accelerator):
     """torchrun (or --multi_gpu without a GPU) can start N processes that each think they are alone: N identical
-    trainings writing the same folder. Refuse that instead of training."""
+    trainings writing the same folder. Refuse that instead of training; and refuse sharded set-ups (FSDP,
+    DeepSpeed), whose states the checkpoints do not hold: this trainer is data-parallel."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(
+            f"This trainer runs data-parallel (one process, or DDP over several); accelerate is configured for "
+            f"{accelerator.distributed_type.value}. Run `accelerate config` again, or pass --multi_gpu."
+        )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if (
         world_size != accelerator.num_processes
