@@ -1,7 +1,9 @@
 """Live previews: LivePreviews decodes a pipeline's intermediate latents with a small VAE into PNG frames and a GIF,
-and leaves the pipeline's images as they were."""
+and leaves the pipeline's images as they were; examples/generate_with_sd.py --preview_vae runs it."""
 
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ from tiny_pipelines import (
     tiny_pipeline,
 )
 
-from diffusers_custom_vae import LatentSpaceWarning
+from diffusers_custom_vae import CustomVAE, LatentSpaceWarning
 from diffusers_custom_vae.images import tensor_to_pil
 from diffusers_custom_vae.previews import LivePreviews
 
@@ -275,3 +277,104 @@ def test_a_pipeline_without_unet_and_vae_and_a_bad_every_are_refused(tmp_path):
     for every in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"`every` must be a whole number of steps, at least 1, got {every}"):
             LivePreviews(tiny_pipeline(), sd_preview_vae(), tmp_path, every=every)
+
+
+# The example script, run in-process on tiny pipelines saved to folders.
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """Tiny SD and SDXL pipelines (sd/, sdxl/), preview VAEs in SD's space (sd-preview/), in their own space
+    (scratch-preview/), with 8 latent channels (preview-8-channels/), and an image."""
+    folder = tmp_path_factory.mktemp("saved")
+    tiny_pipeline(StableDiffusionPipeline).save_pretrained(folder / "sd")
+    tiny_pipeline(StableDiffusionXLPipeline).save_pretrained(folder / "sdxl")
+    sd_preview_vae().save_pretrained(folder / "sd-preview")
+    tiny_custom_vae().save_pretrained(folder / "scratch-preview")
+    tiny_custom_vae(latent_channels=8).save_pretrained(folder / "preview-8-channels")
+    Image.new("RGB", (48, 40), "teal").save(folder / "init.png")
+    return folder
+
+
+def run_example(load_example, saved, output, *extra) -> Path:
+    argv = ["--pipeline", str(saved / "sd"), "--prompt", "a dog", "--steps", "3", "--output", str(output)]
+    return load_example("generate_with_sd").main(argv + [arg.format(saved=saved) for arg in extra])
+
+
+def test_example_writes_previews_and_the_pipelines_own_image(load_example, saved, tmp_path):
+    plain = run_example(load_example, saved, tmp_path / "plain.png")  # no --vae: the pipeline keeps its VAE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentSpaceWarning)  # a preview VAE in SD's space: no warning
+        output = run_example(
+            load_example, saved, tmp_path / "out" / "dog.png", "--preview_vae", "{saved}/sd-preview",
+            "--preview_every", "2", "--preview_gif",
+        )  # fmt: skip
+
+    with Image.open(plain) as expected, Image.open(output) as image:
+        assert np.array_equal(np.asarray(image), np.asarray(expected))  # previews change nothing
+    frames = tmp_path / "out" / "dog-previews"
+    assert sorted(path.name for path in frames.iterdir()) == ["previews.gif", "step-002.png", "step-003.png"]
+    assert frame_sizes(sorted(frames.glob("*.png"))) == [("PNG", (64, 64))] * 2  # the tiny pipeline's default size
+    with Image.open(frames / "previews.gif") as animation:
+        assert animation.n_frames == 2
+
+
+def test_example_previews_sdxl_image_to_image_with_a_custom_vae_and_folder(load_example, saved, tmp_path):
+    argv = ["--pipeline", str(saved / "sdxl"), "--vae", str(saved / "scratch-preview"), "--image"]
+    argv += [str(saved / "init.png"), "--strength", "1", "--preview_vae", str(saved / "scratch-preview")]
+    argv += ["--preview_dir", str(tmp_path / "frames"), "--prompt", "a dog", "--steps", "2"]
+    with pytest.warns(LatentSpaceWarning) as caught:  # the swap and the previews: both from-scratch VAEs
+        load_example("generate_with_sd").main(argv + ["--output", str(tmp_path / "dog.png")])
+    assert len([w for w in caught if w.category is LatentSpaceWarning]) == 2
+    assert frame_sizes(sorted((tmp_path / "frames").iterdir())) == [("PNG", (48, 40))] * 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preview_every", "0"], r"--preview_every applies to live previews: give --preview_vae too\."),
+        (["--preview_gif", "--preview_dir", "x"], "--preview_dir, --preview_gif apply to live previews"),
+        (["--preview_vae", "{saved}/sd-preview", "--preview_every", "0"], "--preview_every must be at least 1, got 0"),
+        (["--preview_vae", "{saved}/init.png"], r"--preview_vae .*init\.png' is not a VAE I can load: "),
+        (["--preview_vae", "no-such-vae"], "--preview_vae 'no-such-vae' is not a VAE I can load: "),
+        (
+            ["--preview_vae", "{saved}/preview-8-channels"],
+            "--preview_vae .* does not fit --pipeline .*: The preview CustomVAE has 8 latent channels, but the UNet",
+        ),
+        (
+            ["--preview_vae", "{saved}/sd-preview", "--preview_dir", "{saved}/init.png"],
+            "--preview_dir must be a folder, but",
+        ),
+        (["--vae", "no-such-vae"], "--vae 'no-such-vae' is not a CustomVAE I can load"),
+    ],
+    ids=[
+        "every without vae",
+        "options without vae",
+        "every 0",
+        "not a vae",
+        "missing vae",
+        "8 latent channels",
+        "folder is a file",
+        "missing --vae",
+    ],
+)
+def test_example_refuses_bad_preview_arguments_in_one_line(load_example, saved, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_example(load_example, saved, tmp_path / "out" / "dog.png", *extra)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and re.fullmatch(f"\\S+: error: {message}.*", error), error
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_readme_snippet_runs(tmp_path, monkeypatch):
+    """The README's "Live previews" snippet as printed, on a tiny pipeline (50 steps, its default)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme.split("### Live previews", 1)[1], flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(CustomVAE, "from_pretrained", lambda name: sd_preview_vae())  # "user/sd-tiny-vae"
+    namespace = {"pipe": tiny_pipeline()}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    frames = sorted(path.name for path in (tmp_path / "previews").glob("*.png"))
+    assert frames == [f"step-{step:03d}.png" for step in range(5, 51, 5)]
+    assert namespace["gif"] == Path("previews") / "previews.gif" and namespace["gif"].is_file()
+    assert namespace["image"].size == (64, 64)
