@@ -10,11 +10,13 @@ from .latent_spaces import LatentSpaceWarning, latent_space_of
 from .latents import estimate_scaling_factor
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput
 from .pipelines import save_pipeline, swap_vae
+from .previews import LivePreviews
 
 __all__ = [
     "CustomVAE",
     "CustomVAEOutput",
     "LatentSpaceWarning",
+    "LivePreviews",
     "convert_tutorial_checkpoint",
     "estimate_scaling_factor",
     "latent_space_of",
