@@ -120,6 +120,11 @@ def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
 def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
     """One row per (B, 3, H, W) batch (e.g. originals above reconstructions), `padding` white pixels around and between
     the images. Raises `ValueError` when the batches differ in shape."""
+    for row in rows:
+        if not isinstance(row, torch.Tensor):
+            raise TypeError(
+                f"image_grid needs (B, 3, H, W) tensors, got a {type(row).__module__}.{type(row).__name__}"
+            )
     shapes = [tuple(row.shape) for row in rows]
     if len(set(shapes)) != 1 or len(shapes[0]) != 4:
         raise ValueError(f"image_grid needs (B, 3, H, W) batches of one shape, got shapes {shapes}")

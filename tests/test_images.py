@@ -215,3 +215,5 @@ def test_image_grid_puts_each_batch_in_a_row_on_white_padding(padding):
 def test_image_grid_refuses_batches_of_different_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\), \(3, 3, 8, 8\)"):
         image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)])
+    with pytest.raises(TypeError, match=r"image_grid needs \(B, 3, H, W\) tensors, got a PIL.Image.Image"):
+        image_grid([Image.new("RGB", (8, 8))])
