@@ -10,26 +10,34 @@ from PIL import Image, ImageOps
 
 
 def load_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Opens an image (a path or a binary file object) as 8-bit RGB: greyscale, palette, 16-bit and float converted,
-    alpha and transparent colours composited onto white, EXIF rotation applied.
+    """Opens an image (a path or a binary file object) as 8-bit RGB: EXIF rotation applied, then converted by
+    `to_rgb` (greyscale, palette, 16-bit and float converted, alpha and transparent colours composited onto white).
 
-    16-bit images are scaled to 8 bits (65535 -> 255); float images (mode "F") must hold values in [0, 1], and 32-bit
-    integer ones (mode "I") values in [0, 65535], the range of the 16-bit PNGs that older Pillow opens in that mode.
-
-    Raises `ValueError` naming the file when it is missing, truncated, not an image, or of values outside that range.
+    Raises `ValueError` naming the file when it is missing, truncated, not an image, or of values outside the range
+    `to_rgb` expects.
     """
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I") or image.mode == "F":
-                image = _scale_to_8_bits(image)  # convert() would clip: every level above 255 would become white
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")  # composite alpha (or the transparent colour) onto white, not black
-                return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
-            return image.convert("RGB")  # convert() reads every pixel: truncated files fail here
+            return to_rgb(ImageOps.exif_transpose(image))  # converting reads every pixel: truncated files fail here
     except (OSError, SyntaxError, ValueError) as error:
         name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "image data")
         raise ValueError(f"Cannot read image {name!r}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB: greyscale, palette, 16-bit and float converted, alpha and transparent
+    colours composited onto white.
+
+    16-bit images are scaled to 8 bits (65535 -> 255); float images (mode "F") must hold values in [0, 1], and 32-bit
+    integer ones (mode "I") values in [0, 65535], the range of the 16-bit PNGs that older Pillow opens in that mode
+    (`ValueError` otherwise).
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _scale_to_8_bits(image)  # convert() would clip: every level above 255 would become white
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")  # composite alpha (or the transparent colour) onto white, not black
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    return image.convert("RGB")
 
 
 def _scale_to_8_bits(image: Image.Image) -> Image.Image:
@@ -49,13 +57,43 @@ def _scale_to_8_bits(image: Image.Image) -> Image.Image:
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """PIL image of any mode -> (3, H, W) float32 in [-1, 1], converted to RGB by `to_rgb` as `load_image` converts
+    (16-bit and float images scaled, not clipped; alpha composited onto white, not dropped to black).
+
+    Raises `TypeError` for anything but a PIL image, `ValueError` for one `to_rgb` cannot convert.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"pil_to_tensor expected a PIL image, got a {type(image).__module__}.{type(image).__qualname__}."
+        )
+    try:
+        array = np.asarray(to_rgb(image), dtype=np.float32)
+    except ValueError as error:
+        raise ValueError(f"pil_to_tensor cannot convert this image: {error}.") from error
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def tensor_to_pil(images: torch.Tensor) -> Image.Image | list[Image.Image]:
-    """(3, H, W) -> one PIL image; (B, 3, H, W) -> a list. Values outside [-1, 1] are clipped."""
+    """(3, H, W) -> one PIL image; (B, 3, H, W) -> a list. Values outside [-1, 1] are clipped.
+
+    Raises `TypeError` for anything but a floating-point tensor (0-255 pixels would all become white), `ValueError`
+    for other shapes and for NaN or infinite values (NaN would become black).
+    """
+    if not isinstance(images, torch.Tensor):
+        what = f"{type(images).__module__}.{type(images).__qualname__}"
+        raise TypeError(f"tensor_to_pil expected a tensor of images, got a {what}.")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"tensor_to_pil expected a floating-point tensor of images in [-1, 1], got a {images.dtype} tensor "
+            "(x / 127.5 - 1 converts 0-255 pixels)."
+        )
+    if images.ndim not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(
+            f"tensor_to_pil expected images of shape (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}."
+        )
+    non_finite = images.numel() - torch.isfinite(images).sum().item()
+    if non_finite:
+        raise ValueError(f"tensor_to_pil expected finite images, got {non_finite} NaN or infinite values.")
     if images.ndim == 3:
         return tensor_to_pil(images[None])[0]
     array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -63,8 +101,18 @@ def tensor_to_pil(images: torch.Tensor) -> Image.Image | list[Image.Image]:
 
 
 def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Centre-crops (..., H, W) so that H and W are multiples of `multiple` (what the VAE's downsampling needs)."""
+    """Centre-crops (..., H, W) so that H and W are multiples of `multiple` (what the VAE's downsampling needs).
+
+    Raises `ValueError` for a `multiple` that is not a positive int, and for images smaller than it (nothing would
+    remain)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"crop_to_multiple needs a positive int as `multiple`, got {multiple!r}.")
     height, width = images.shape[-2:]
+    if height < multiple or width < multiple:
+        raise ValueError(
+            f"crop_to_multiple: images of {height}x{width} pixels are smaller than the multiple {multiple}: nothing "
+            "remains; enlarge them first."
+        )
     top, left = (height % multiple) // 2, (width % multiple) // 2
     return images[..., top : top + height - height % multiple, left : left + width - width % multiple]
 
@@ -72,6 +120,11 @@ def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
 def image_grid(rows: list[torch.Tensor], padding: int = 2) -> Image.Image:
     """One row per (B, 3, H, W) batch (e.g. originals above reconstructions), `padding` white pixels around and between
     the images. Raises `ValueError` when the batches differ in shape."""
+    for row in rows:
+        if not isinstance(row, torch.Tensor):
+            raise TypeError(
+                f"image_grid needs (B, 3, H, W) tensors, got a {type(row).__module__}.{type(row).__name__}"
+            )
     shapes = [tuple(row.shape) for row in rows]
     if len(set(shapes)) != 1 or len(shapes[0]) != 4:
         raise ValueError(f"image_grid needs (B, 3, H, W) batches of one shape, got shapes {shapes}")

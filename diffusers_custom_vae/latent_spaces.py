@@ -12,7 +12,7 @@ import hashlib
 import math
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ModelMixin
 
 # Scaling factor of a pretrained AutoencoderKL -> the latent space it encodes into. Fine-tunes of a decoder
 # (sd-vae-ft-mse, sd-vae-ft-ema) keep the encoder, the latent space and the scaling factor.
@@ -45,6 +45,9 @@ def latent_space_of(vae) -> str | None:
     """
     if vae is None:
         return None
+    if not isinstance(vae, ModelMixin):
+        got = f"the {type(vae).__name__} {vae!r:.80}"
+        raise TypeError(f"latent_space_of expected a VAE (e.g. a CustomVAE or an AutoencoderKL) or None, got {got}.")
     if "latent_space" in vae.config:
         return vae.config.latent_space
     if isinstance(vae, AutoencoderKL):

@@ -4,6 +4,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
 
@@ -85,6 +86,12 @@ def estimate_scaling_factor(
     Returns:
         `float`, or `tuple[float, float]` when `shift`: the `scaling_factor`, and the `shift_factor`.
     """
+    if not (isinstance(vae, ModelMixin) and callable(getattr(vae, "encode", None))):
+        got = "None" if vae is None else f"the {type(vae).__name__} {vae!r:.80}"
+        raise TypeError(
+            f"estimate_scaling_factor expected a VAE (e.g. a CustomVAE or an AutoencoderKL), got {got}; load it "
+            "first, e.g. with CustomVAE.from_pretrained."
+        )
     batches = [images] if isinstance(images, torch.Tensor) else tqdm(images, desc="Estimating the scaling factor")
     moments = _RunningMoments()
     for batch in batches:

@@ -648,8 +648,10 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
 # Diffusers' loader only logs a warning for weights missing from a checkpoint (they stay random, or on the meta device)
 # and casts integer weights to float without a word. The checks below read the weight files themselves, one tensor
 # at a time, so they see weights that `device_map` offloads and do not depend on the wording of diffusers' errors.
-# They live in this file because it also runs as remote code, where the diffusers_custom_vae package is absent; the
-# package's `load_vae` applies them to diffusers' `AutoencoderKL` too.
+# They live in this file because it also runs as remote code, where the diffusers_custom_vae package is absent, and
+# not in a module beside it that it imports (`from .x import y`): from a pipeline's Hub repo, diffusers downloads only
+# this one code file of the VAE's folder (tests/test_remote_code.py). The package's `load_vae` applies them to
+# diffusers' `AutoencoderKL` too.
 
 
 def from_pretrained_strictly(load, pretrained_model_name_or_path, **kwargs):

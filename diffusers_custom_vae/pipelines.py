@@ -193,6 +193,8 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwa
         **save_pretrained_kwargs: Passed to `pipe.save_pretrained` (`safe_serialization`, `variant`,
             `max_shard_size`); to upload, use [`push_pipeline_to_hub`].
     """
+    if not isinstance(pipe, DiffusionPipeline):  # a VAE's save_pretrained would write its folder, then fail here
+        raise TypeError(f"save_pipeline expected a diffusers pipeline as `pipe`, got {_describe(pipe)}.")
     if save_pretrained_kwargs.get("push_to_hub"):
         raise ValueError("save_pipeline writes a folder; upload with diffusers_custom_vae.push_pipeline_to_hub.")
     pipe.save_pretrained(save_directory, **save_pretrained_kwargs)

@@ -1,5 +1,6 @@
 """diffusers_custom_vae.images: `load_image` on real files of every bit depth PIL can open (16-bit and float images
-are scaled to 8 bits, not clipped; alpha and transparent colours are composited onto white), and the grid of
+are scaled to 8 bits, not clipped; alpha and transparent colours are composited onto white), `pil_to_tensor` on the
+same images in memory, `tensor_to_pil` and `crop_to_multiple` refusing what they cannot convert, and the grid of
 originals above reconstructions."""
 
 import struct
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_custom_vae.images import image_grid, load_image, tensor_to_pil
+from diffusers_custom_vae.images import crop_to_multiple, image_grid, load_image, pil_to_tensor, tensor_to_pil
 
 # 16-bit levels and the 8-bit levels they scale to (round(v * 255 / 65535)); 65535 and 256 alike clipped to 255.
 LEVELS_16 = np.array([[0, 256, 1000, 16448, 32896, 65535]], dtype=np.uint16)
@@ -128,6 +129,73 @@ def test_a_transparent_colour_composites_onto_white_as_alpha_does(tmp_path, mode
     assert pixels(tmp_path / "t.png")[0, :, 0].tolist() == [255, 128]
 
 
+# ---------------------------------------------------------------------------------------------------- PIL <-> tensor
+
+
+@pytest.mark.parametrize(
+    "image, levels",
+    [
+        (Image.fromarray(LEVELS_16), LEVELS_8),  # mode I;16: convert("RGB") clipped every level above 255 to white
+        (Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32)), [0, 64, 128, 255]),  # mode F
+        (Image.fromarray(np.array([[[0, 0, 0, 0], [0, 0, 0, 255], [90, 90, 90, 255]]], dtype=np.uint8)), [255, 0, 90]),
+    ],
+    ids=["16-bit", "float", "RGBA: transparent black"],
+)
+def test_pil_to_tensor_converts_as_load_image_does(tmp_path, image, levels):
+    """16-bit and float images scaled to 8 bits, not clipped; alpha composited onto white, not dropped to black."""
+    tensor = pil_to_tensor(image)
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 1, len(levels))
+    expected = torch.tensor(levels, dtype=torch.float32) / 127.5 - 1
+    assert torch.equal(tensor, expected.expand(3, 1, -1))
+    image.save(tmp_path / "image.tiff")
+    assert torch.equal(tensor, pil_to_tensor(load_image(tmp_path / "image.tiff")))
+
+
+def test_pil_to_tensor_refuses_what_it_cannot_convert():
+    with pytest.raises(TypeError, match=r"pil_to_tensor expected a PIL image, got a numpy.ndarray"):
+        pil_to_tensor(np.zeros((4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"pil_to_tensor cannot convert .*mode F image with values in \[0, 2.5\]"):
+        pil_to_tensor(Image.fromarray(np.array([[0.0, 2.5]], dtype=np.float32)))
+
+
+def test_tensor_to_pil_round_trips_pil_to_tensor():
+    pixels = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3) * 8
+    assert np.array_equal(np.asarray(tensor_to_pil(pil_to_tensor(Image.fromarray(pixels)))), pixels)
+
+
+@pytest.mark.parametrize(
+    "images, error, message",
+    [
+        (
+            torch.full((3, 2, 2), 255, dtype=torch.uint8),
+            TypeError,
+            r"floating-point tensor .*got a torch.uint8 tensor",
+        ),
+        (torch.tensor([[[0.0, float("nan")]]]).expand(3, 1, 2), ValueError, r"got 3 NaN or infinite values"),
+        (torch.tensor([[[[0.0, float("inf")]]]]).expand(2, 3, 1, 2), ValueError, r"got 6 NaN or infinite values"),
+        (torch.zeros(1, 4, 4), ValueError, r"shape \(3, H, W\) or \(B, 3, H, W\), got \(1, 4, 4\)"),
+        (np.zeros((3, 4, 4), dtype=np.float32), TypeError, r"got a numpy.ndarray"),
+    ],
+    ids=["uint8 (would be white)", "NaN (would be black)", "inf", "one channel", "numpy"],
+)
+def test_tensor_to_pil_refuses_what_would_become_garbage(images, error, message):
+    with pytest.raises(error, match=rf"tensor_to_pil expected .*{message}"):
+        tensor_to_pil(images)
+
+
+@pytest.mark.parametrize("multiple", [0, -8, 2.0, True], ids=["0", "negative", "float", "bool"])
+def test_crop_to_multiple_refuses_a_multiple_that_is_not_a_positive_int(multiple):
+    with pytest.raises(ValueError, match=rf"crop_to_multiple needs a positive int as `multiple`, got {multiple!r}"):
+        crop_to_multiple(torch.zeros(3, 16, 16), multiple)
+
+
+def test_crop_to_multiple_crops_the_centre_and_refuses_images_smaller_than_the_multiple():
+    images = torch.arange(2 * 11 * 13, dtype=torch.float32).reshape(2, 1, 11, 13)
+    assert torch.equal(crop_to_multiple(images, 4), images[..., 1:9, 0:12])
+    with pytest.raises(ValueError, match=r"images of 11x13 pixels are smaller than the multiple 16: nothing remains"):
+        crop_to_multiple(images, 16)
+
+
 @pytest.mark.parametrize("padding", [0, 3])
 def test_image_grid_puts_each_batch_in_a_row_on_white_padding(padding):
     torch.manual_seed(0)
@@ -147,3 +215,5 @@ def test_image_grid_puts_each_batch_in_a_row_on_white_padding(padding):
 def test_image_grid_refuses_batches_of_different_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\), \(3, 3, 8, 8\)"):
         image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)])
+    with pytest.raises(TypeError, match=r"image_grid needs \(B, 3, H, W\) tensors, got a PIL.Image.Image"):
+        image_grid([Image.new("RGB", (8, 8))])

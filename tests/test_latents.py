@@ -109,6 +109,14 @@ def test_bad_images_are_refused_clearly(tiny_vae, images, error, message):
     assert tiny_vae.config.scaling_factor == 1.0 and tiny_vae.config.shift_factor is None
 
 
+@pytest.mark.parametrize(
+    "not_a_vae, got", [("user/dog-vae", "the str 'user/dog-vae'"), (None, "None")], ids=["repo id", "None"]
+)
+def test_what_is_not_a_vae_is_refused_clearly(not_a_vae, got):
+    with pytest.raises(TypeError, match=rf"estimate_scaling_factor expected a VAE .*, got {got}; load it first"):
+        estimate_scaling_factor(not_a_vae, blocky_images(0))
+
+
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")], ids=["NaN", "inf"])
 def test_non_finite_latents_are_refused_and_nothing_is_registered(wide_vae, tmp_path, bad_value):
     """A VAE with a broken weight (or float16 overflow) encodes finite images into NaN or infinite latents."""

@@ -315,6 +315,16 @@ def test_latent_space_of_known_and_unknown_vaes():
     assert latent_space_of(None) is None
 
 
+@pytest.mark.parametrize(
+    "not_a_vae, got",
+    [("user/dog-vae", "the str 'user/dog-vae'"), ({"latent_space": None}, "the dict {'latent_space': None}")],
+    ids=["repo id", "config dict"],
+)
+def test_latent_space_of_refuses_what_is_not_a_vae(not_a_vae, got):
+    with pytest.raises(TypeError, match=rf"latent_space_of expected a VAE .*, got {re.escape(got)}\.$"):
+        latent_space_of(not_a_vae)
+
+
 def test_model_cpu_offload_hooks_move_to_the_new_vae():
     pipe = tiny_pipeline()
     pipe.enable_model_cpu_offload(device="cpu")  # the hooks work the same as with a GPU

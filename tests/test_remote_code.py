@@ -5,15 +5,20 @@ from the Hugging Face cache offline. One fresh interpreter, which blocks the pac
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines import pipeline_utils
+from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
-from test_loading import edit_weights, make_hub_cache
+from test_loading import COMMIT, edit_weights, make_hub_cache
 from tiny_pipelines import tiny_custom_vae, tiny_pipeline
 
 from diffusers_custom_vae import CustomVAE, LatentSpaceWarning, save_pipeline, swap_vae
@@ -61,6 +66,9 @@ def test_save_pipeline_names_the_vae_by_its_modeling_file(tmp_path):
         swap_vae(pipe, tiny_custom_vae())
     with pytest.raises(ValueError, match="upload with diffusers_custom_vae.push_pipeline_to_hub"):
         save_pipeline(pipe, tmp_path, push_to_hub=True)  # would upload before model_index.json is fixed
+    with pytest.raises(TypeError, match=r"save_pipeline expected a diffusers pipeline as `pipe`, got a CustomVAE"):
+        save_pipeline(pipe.vae, tmp_path)  # wrote the VAE's folder, then failed on the missing model_index.json
+    assert list(tmp_path.iterdir()) == []
     save_pipeline(pipe, tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["vae"] == ["modeling_custom_vae", "CustomVAE"]
@@ -114,6 +122,29 @@ json.dump(result, open("result.json", "w"))
 GENERATION = dict(height=64, width=64, num_inference_steps=2, output_type="np")
 
 
+def files_a_pipeline_download_fetches(folder: Path, repo_id: str) -> list[str]:
+    """The files of a Hub repo holding `folder` that `DiffusionPipeline.from_pretrained(repo_id)` downloads the first
+    time: diffusers lists the repo and downloads what its own allow and ignore patterns pass. Of a custom component's
+    folder that is the weights, config.json and the one module file model_index.json names, and no other code: so
+    the model file cannot import a sibling module (`from .x import y`), which would be missing there. Diffusers' Hub
+    calls are faked (the repo listing is the folder's); the patterns are its own."""
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    patterns = {}
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        patterns.update(allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        return str(folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        listing = SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in files], sha=COMMIT)
+        patch.setattr(pipeline_utils, "_resolve_revision", lambda repo_id, revision=None, **kwargs: revision)
+        patch.setattr(pipeline_utils, "model_info", lambda repo_id, **kwargs: listing)
+        patch.setattr(pipeline_utils, "hf_hub_download", lambda repo_id, filename, **kwargs: str(folder / filename))
+        patch.setattr(pipeline_utils, "snapshot_download", snapshot_download)
+        DiffusionPipeline.download(repo_id, local_files_only=False, force_download=True)  # force: not "cached"
+    return list(filter_repo_objects(files, **patterns))
+
+
 @pytest.fixture(scope="module")
 def without_package(tmp_path_factory):
     """Runs SCRIPT once for this module's tests; returns (folder, result.json's content, the package's own outputs)."""
@@ -127,7 +158,13 @@ def without_package(tmp_path_factory):
         swap_vae(pipe, tiny_custom_vae())
     save_pipeline(pipe, folder / "dog-pipe")
     make_hub_cache(folder / "cache", folder / "dog-vae", repo_id="user/dog-vae")
-    make_hub_cache(folder / "cache", folder / "dog-pipe", repo_id="user/dog-pipe")
+    # The pipeline's cache holds what DiffusionPipeline.from_pretrained("user/dog-pipe") downloads, not the whole repo.
+    fetched = files_a_pipeline_download_fetches(folder / "dog-pipe", "user/dog-pipe")
+    assert "vae/modeling_custom_vae.py" in fetched and "vae/diffusion_pytorch_model.safetensors" in fetched
+    for name in fetched:
+        (folder / "dog-pipe-fetched" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "dog-pipe" / name, folder / "dog-pipe-fetched" / name)
+    make_hub_cache(folder / "cache", folder / "dog-pipe-fetched", repo_id="user/dog-pipe")
     x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
     save_file({"x": x}, folder / "x.safetensors")
     with torch.no_grad():
