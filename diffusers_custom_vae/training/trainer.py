@@ -284,7 +284,8 @@ class Trainer:
         self.accelerator.log({f"validation/{name}": value for name, value in scores.items()}, step=self.state.step)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                grid = np.array(image_grid([row.float().cpu() for row in rows]))
+                # A NaN in a row shows black rather than stopping the run: the scores above already say NaN.
+                grid = np.array(image_grid([row.float().cpu().nan_to_num(0.0) for row in rows]))
                 tracker.writer.add_image("validation/reconstructions", grid, self.state.step, dataformats="HWC")
         tqdm.write(f"step {self.state.step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
