@@ -4,12 +4,22 @@
 - `config.py`: `TrainConfig`, the run's settings (the command line's flags).
 - `trainer.py`: the machinery, whatever is learned: accelerate, data, the loop, stops, logging, validation.
 - `objectives.py`: what is learned: `Objective` (the interface), `VAEObjective` (a VAE from images).
-- `checkpoints.py`: resumable checkpoint folders. `export.py`: the output folder and the push.
+- `distillation.py`: `DistillationObjective`, a student learning a teacher VAE's latent space (`teacher_vae`).
+- `checkpoints.py`: resumable checkpoint folders, never unpickled. `export.py`: the output folder and the push.
 """
 
 from .checkpoints import checkpoint_steps
 from .config import TrainConfig
+from .distillation import DistillationObjective
 from .objectives import Objective, VAEObjective
 from .trainer import Trainer, train
 
-__all__ = ["Objective", "TrainConfig", "Trainer", "VAEObjective", "checkpoint_steps", "train"]
+__all__ = [
+    "DistillationObjective",
+    "Objective",
+    "TrainConfig",
+    "Trainer",
+    "VAEObjective",
+    "checkpoint_steps",
+    "train",
+]
