@@ -40,6 +40,8 @@ def load_vae(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> Custo
     subfolder = from_pretrained_kwargs.get("subfolder")
     if os.path.isdir(source):
         _check_folder(source, subfolder)
+    elif os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source):  # a path, not a repo id
+        raise FileNotFoundError(f"{source} is not a folder: expected a VAE saved with save_pretrained, or a Hub id.")
     config_kwargs = ("subfolder", "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
     config = CustomVAE.load_config(source, **{k: v for k, v in from_pretrained_kwargs.items() if k in config_kwargs})
     cls = vae_class(config, os.path.join(source, subfolder) if subfolder else source)

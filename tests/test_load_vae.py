@@ -123,3 +123,10 @@ def test_a_repo_id_loads_from_the_hub_cache_offline(tmp_path, saved_akl, autoenc
     cache = make_hub_cache(tmp_path / "cache", saved_akl, repo_id="user/akl")
     assert_same_weights(load_vae("user/akl", cache_dir=cache), autoencoder_kl)
     assert network_attempts == []
+
+
+@pytest.mark.parametrize("path", ["/no/such/vae", "./no-such-vae", "~/no-such-vae"])
+def test_a_path_that_is_not_a_folder_says_so_without_asking_the_hub(path, network_attempts):
+    with pytest.raises(FileNotFoundError, match="is not a folder: expected a VAE saved with save_pretrained"):
+        load_vae(path)
+    assert not network_attempts
