@@ -2,6 +2,7 @@
 
     python -m benchmarks.benchmark_vae       # CustomVAE vs the tutorial's VAE vs AutoencoderKL: speed and memory
     python -m benchmarks.benchmark_training  # the main job: CustomVAE vs AutoencoderKL, same trainer, same budget
+    python -m benchmarks.benchmark_distillation  # students in a teacher's latent space: fidelity, decode speed
 
 Each writes its own section of BENCHMARKS.md (`report.py`); `measure.py` is how they time and measure memory, and
 `models.py` builds the AutoencoderKL they compare against. Not part of the installed package.

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from benchmarks import benchmark_training, benchmark_vae
+from benchmarks import benchmark_distillation, benchmark_training, benchmark_vae
 from benchmarks.measure import PeakMemory, interleaved_times
 from benchmarks.models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
 from benchmarks.report import Target, write_section
@@ -18,6 +18,7 @@ from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop
 from diffusers_custom_vae.modeling_custom_vae import downsample_factor_of
+from diffusers_custom_vae.presets import PRESETS
 
 MODELS = ("CustomVAE", "tutorial", "AutoencoderKL")
 QUICK = benchmark_vae.QUICK
@@ -225,3 +226,158 @@ def test_quick_training_benchmark_trains_and_compares_both_models(tmp_path):
     section = output.read_text().split("<!-- benchmark_training:start -->")[1]
     assert benchmark_training.target(results).markdown() in section
     assert "![held-out photos and their reconstructions](comparison.png)" in section
+
+
+# benchmark_distillation
+
+# 8x downsampling like every model of the distillation benchmark, and the fewest channels that still have every block.
+EIGHT_X_TINY = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, num_attention_heads=2)
+
+
+def test_every_distillation_training_gets_the_same_budget_and_the_students_distil_the_teacher(tmp_path):
+    configs = benchmark_distillation.train_configs(
+        {"resolution": 32, "max_train_steps": 3}, tmp_path, None, ["default", "small"]
+    )
+    assert list(configs) == ["teacher", "default", "small"]
+    teacher, default, small = configs.values()
+    with open(teacher.model_config) as file:
+        model_config = json.load(file)
+    assert model_config["_class_name"] == AutoencoderKL.__name__
+    assert tuple(model_config["block_out_channels"]) == CUSTOM_VAE_WIDTHS and teacher.teacher_vae is None
+    assert default.teacher_vae == small.teacher_vae == teacher.output_dir
+    assert (default.model_config, small.model_config) == (None, "small") and "small" in PRESETS
+    for student in (default, small):
+        differing = {name for name, value in vars(student).items() if vars(teacher)[name] != value}
+        assert differing == {"output_dir", "model_config", "teacher_vae"}
+        assert student.resolution == [32, 32] and student.max_train_steps == 3 and student.report_to == "none"
+    assert len({config.output_dir for config in configs.values()}) == 3
+
+    given = benchmark_distillation.train_configs({}, tmp_path / "given", "my-teacher", ["small"])
+    assert list(given) == ["small"] and given["small"].teacher_vae == "my-teacher"
+    assert not (tmp_path / "given").exists()  # no teacher config written when the teacher is given
+
+
+def _distillation_results(student_psnr, teacher_decodes_student_psnr, seconds) -> dict:
+    """Results as `benchmark_distillation.run` returns them, as far as the targets read them: a teacher at 15 dB."""
+    metrics = {
+        "teacher_psnr": 15.0,
+        "psnr": student_psnr,
+        "teacher_decodes_student_psnr": teacher_decodes_student_psnr,
+    }
+    return {
+        "students": {name: dict(metrics) for name in seconds},
+        "decode_seconds": {**seconds, "teacher": 1.0, benchmark_distillation.SD: 10.0},
+    }
+
+
+def test_distillation_targets_are_met_or_missed_by_the_numbers():
+    plan = benchmark_distillation.FULL
+    met = benchmark_distillation.targets(_distillation_results(14.5, 14.0, {"default": 1.25, "small": 1.0}), plan)
+    assert [target.met for target in met] == [True] * 5  # 0.5 and 1.0 dB below the teacher: just within
+    assert [target.measured for target in met[:2]] == [pytest.approx(0.5), pytest.approx(1.0)]
+    assert met[4].measured == pytest.approx(10.0)  # the faster student counts: 8x and 10x
+    assert "512x512" in met[4].what and "default 8.0x" in met[4].detail and "small 10.0x" in met[4].detail
+
+    missed = benchmark_distillation.targets(_distillation_results(14.4, 13.9, {"default": 1.25, "small": 1.2}), plan)
+    assert [target.met for target in missed] == [False] * 5
+    nan = benchmark_distillation.targets(_distillation_results(math.nan, math.nan, {"default": math.nan}), plan)
+    assert len(nan) == 3 and not any(target.met for target in nan)
+    better = benchmark_distillation.targets(_distillation_results(16.0, 15.5, {"small": 0.5}), plan)
+    assert [target.met for target in better] == [True] * 3  # a student may beat its teacher
+
+
+def test_a_distillation_decode_is_timed_and_its_memory_measured_in_this_process(tmp_path):
+    torch.manual_seed(0)
+    CustomVAE(**EIGHT_X_TINY).save_pretrained(tmp_path)
+    decoder = benchmark_distillation.Decoder(str(tmp_path), EIGHT_X_TINY["block_out_channels"])
+    measured = benchmark_distillation.measure_large_decode(decoder, side=32, warmup_side=16, device="cpu")
+    assert _finite_positive(measured["seconds"]) and _finite_positive(measured["baseline_gb"])
+    assert math.isfinite(measured["peak_gb"]) and measured["peak_gb"] >= 0
+
+
+def test_distillation_decoders_take_turns_each_with_its_own_latents():
+    torch.manual_seed(0)
+    vaes = {"student": CustomVAE(**EIGHT_X_TINY).eval(), "teacher": AutoencoderKL(**EIGHT_X_TINY_KL).eval()}
+    seconds = benchmark_distillation.decode_seconds(vaes, 32, benchmark_distillation.QUICK, "cpu")
+    assert list(seconds) == ["student", "teacher"] and all(_finite_positive(s) for s in seconds.values())
+
+
+EIGHT_X_TINY_KL = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    norm_num_groups=4,
+)
+
+
+def test_large_distillation_decodes_that_would_exhaust_memory_are_skipped_not_run(monkeypatch):
+    monkeypatch.setattr(benchmark_distillation, "available_gb", lambda device: 4.0)
+    sd = benchmark_distillation.Decoder(None, STABLE_DIFFUSION_WIDTHS)
+    # No process pool is passed: a case that tried to run would fail.
+    skipped = benchmark_distillation.large_decode(sd, 1024, benchmark_distillation.FULL, "cpu", processes=None)
+    assert skipped == "skipped: needs ~6 GB (4 GB free)"  # six 256-channel float32 activations at 1024x1024
+
+
+def test_distillation_decoder_parameters_are_those_of_the_decoding_side():
+    with torch.device("meta"):  # the shapes only
+        stable_diffusion = autoencoder_kl(STABLE_DIFFUSION_WIDTHS)
+    # SD's VAE: 49.49 M parameters decode (decoder and post_quant_conv), 34.16 M encode (encoder and quant_conv).
+    assert benchmark_distillation.decoder_parameters(stable_diffusion) == 49_490_199
+    small = benchmark_distillation.decoder_parameters(CustomVAE(**PRESETS["small"]))
+    assert small == sum(p.numel() for p in CustomVAE(**PRESETS["small"]).decoder.parameters())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--teacher", "no/such/folder"], "--teacher no/such/folder:"),
+        (["--train_config", '{"teacher_vae": "x"}'], "teacher_vae: expected TrainConfig fields other than"),
+        (["--train_config", '{"resolution": 0}'], "resolution must be one or two positive integers"),
+        (["--students", "large"], "invalid choice: 'large'"),
+    ],
+)
+def test_the_distillation_benchmark_refuses_bad_arguments_before_training(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit):
+        benchmark_distillation.main(
+            [*arguments, "--output", str(tmp_path / "B.md"), "--image", str(tmp_path / "i.png")]
+        )
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_quick_distillation_benchmark_trains_measures_and_writes_its_section(tmp_path, capsys):
+    output, image = tmp_path / "BENCHMARKS.md", tmp_path / "decodes.png"
+    output.write_text("# Benchmarks\n\n<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->\n")
+    results = benchmark_distillation.main(["--quick", "--output", str(output), "--image", str(image)])
+
+    assert results["teacher"]["train_steps"] == 2 and math.isfinite(results["teacher"]["psnr"])
+    assert list(results["students"]) == ["default", "small"]
+    for metrics in results["students"].values():
+        assert metrics["train_steps"] == 2
+        for name in ("psnr", "teacher_psnr", "student_vs_teacher_psnr", "teacher_decodes_student_psnr"):
+            assert math.isfinite(metrics[name]), name
+        assert _finite_positive(metrics["latent_relative_error"])
+    names = ["teacher", "default", "small", benchmark_distillation.SD]
+    assert list(results["decode_seconds"]) == names
+    assert all(_finite_positive(seconds) for seconds in results["decode_seconds"].values())
+    assert list(results["large"]) == list(benchmark_distillation.QUICK.large_sides)
+    for cases in results["large"].values():
+        assert list(cases) == names
+        for case in cases.values():
+            assert _finite_positive(case["seconds"]) and _finite_positive(case["baseline_gb"])
+            assert math.isfinite(case["peak_gb"]) and case["peak_gb"] >= 0
+    parameters = results["parameters"]
+    assert parameters[benchmark_distillation.SD] > parameters["teacher"] > parameters["default"] > parameters["small"]
+
+    targets = benchmark_distillation.targets(results, benchmark_distillation.QUICK)
+    assert len(targets) == 5 and all(math.isfinite(target.measured) for target in targets)
+    side = common_crop(load_data().test).shape[-1]
+    assert Image.open(image).height == 4 * (side + 2) + 2  # the photos, the teacher, each student
+    text = output.read_text()
+    assert "<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->" in text
+    section = text.split("<!-- benchmark_distillation:start -->")[1].split("<!-- benchmark_distillation:end -->")[0]
+    assert section.strip() in capsys.readouterr().out
+    assert all(target.markdown() in section for target in targets)
+    assert "![held-out photos, the teacher's and the students' decodes](decodes.png)" in section

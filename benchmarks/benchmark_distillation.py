@@ -1,0 +1,524 @@
+"""Distillation: student CustomVAEs in a teacher AutoencoderKL's latent space, trained by the same trainer with the
+same budget: how faithfully they stand in for the teacher, and how much faster they decode.
+
+    python -m benchmarks.benchmark_distillation [--quick] [--teacher FOLDER] [--students default small]
+        [--train_config JSON] [--device cpu|cuda] [--output BENCHMARKS.md] [--image PNG]
+
+In one run: trains the teacher (an `AutoencoderKL` of CustomVAE's widths, on the embedded photos, with TrainConfig's
+defaults: the main job's budget), or takes `--teacher`; distils each student (`CustomVAE()` with the teacher's latent
+channels, and the "small" preset) with the same budget through `train(TrainConfig(teacher_vae=...))`, whose held-out
+metrics are `evaluate_distillation`'s; then times the decoders (students, teacher, and an `AutoencoderKL` with Stable
+Diffusion's exact VAE architecture, random weights: speed only) taking turns at 512 px, and decodes one 512 and one
+1024 px image with each, in a process of its own, for time and peak memory. The report, with the targets checked, is
+printed and written into this module's section of BENCHMARKS.md, with an image of held-out photos decoded by the
+teacher and each student from the teacher's latents. `--train_config` changes the budget of every training alike.
+`--quick` runs every code path at tiny sizes (a smoke test: the numbers mean nothing).
+"""
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from diffusers_custom_vae.data import load_data
+from diffusers_custom_vae.evaluation import common_crop
+from diffusers_custom_vae.images import image_grid
+from diffusers_custom_vae.loading import load_vae
+from diffusers_custom_vae.training import TrainConfig, train
+
+from .measure import PeakMemory, available_gb, interleaved_times
+from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
+from .report import Target, machine_description, write_section
+
+SECTION = "benchmark_distillation"
+COMMAND = "python -m benchmarks.benchmark_distillation"
+DOWNSAMPLING = 8  # every model here
+STUDENTS = {"default": None, "small": "small"}  # --students name -> its TrainConfig.model_config
+SET_BY_THE_BENCHMARK = ("output_dir", "model_config", "report_to", "teacher_vae", "teacher_vae_subfolder")
+QUICK_FIELDS = {"resolution": 32, "max_train_steps": 2, "train_batch_size": 2}
+SD = "sd_architecture"  # the decoder that is built, not trained or loaded
+LABELS = {
+    "teacher": "teacher",
+    "default": "student `CustomVAE()`",
+    "small": 'student, "small" preset',
+    SD: "SD's VAE architecture",
+}
+# What the targets ask of a student: fidelity within these margins (dB) of the teacher, and decode speed.
+STUDENT_MARGIN_DB, TEACHER_DECODES_STUDENT_MARGIN_DB, SPEEDUP_OVER_SD = 0.5, 1.0, 10.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    speed_side: int  # side of the image whose decode the models take turns at (the speed target's)
+    rounds: int  # turns each model takes (see measure.interleaved_times)
+    min_run_time: float  # seconds of timed calls per turn (at least one call), after one untimed warm-up call
+    large_sides: tuple[int, ...]  # sides of the single images decoded, each in a process of its own
+    warmup_side: int  # side of the untimed decode that precedes a large one (first-call set-up is not decoding)
+
+
+FULL = Plan(speed_side=512, rounds=3, min_run_time=1.0, large_sides=(512, 1024), warmup_side=64)
+QUICK = Plan(speed_side=64, rounds=1, min_run_time=0.0, large_sides=(64, 96), warmup_side=16)
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A model whose decoder is measured: saved in `folder`, or (`folder` None) Stable Diffusion's VAE architecture
+    with random weights; `widths` (its block_out_channels) size the memory a decode needs."""
+
+    folder: str | None
+    widths: tuple[int, ...]
+    latent_channels: int = 4
+
+
+def build_decoder(decoder: Decoder, device: str):
+    if decoder.folder is None:
+        torch.manual_seed(0)
+        return autoencoder_kl(STABLE_DIFFUSION_WIDTHS).to(device).eval()
+    return load_vae(decoder.folder).to(device).eval()
+
+
+def decoder_parameters(vae) -> int:
+    """Parameters of the decoding side (AutoencoderKL's post_quant_conv included)."""
+    return sum(p.numel() for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv.")))
+
+
+# The trainings.
+
+
+def train_configs(fields: dict, workdir: Path, teacher: str | None, students: list[str]) -> dict[str, TrainConfig]:
+    """{"teacher": its TrainConfig (unless `teacher`, a folder, is given), then each student's}: `fields` for all
+    alike, each its own output folder workdir/<name>. The teacher is an AutoencoderKL of CustomVAE's widths, through a
+    model config file written into workdir; each student distils the teacher's folder."""
+    configs = {}
+    if teacher is None:
+        autoencoder_kl().save_config(workdir / "autoencoder_kl")  # config.json with "_class_name": "AutoencoderKL"
+        teacher = str(workdir / "teacher")
+        configs["teacher"] = TrainConfig(
+            **fields,
+            output_dir=teacher,
+            model_config=str(workdir / "autoencoder_kl" / "config.json"),
+            report_to="none",
+        )
+    for name in students:
+        configs[name] = TrainConfig(
+            **fields,
+            output_dir=str(workdir / name),
+            model_config=STUDENTS[name],
+            teacher_vae=teacher,
+            report_to="none",
+        )
+    return configs
+
+
+# Decoding: the models taking turns, then one large image per process.
+
+
+def decode_seconds(decoders: dict[str, torch.nn.Module], side: int, plan: Plan, device: str) -> dict[str, float]:
+    """Median seconds of decoding one side x side image from random latents, the models taking turns."""
+    generator = torch.Generator().manual_seed(0)
+    shape = lambda vae: (1, vae.config.latent_channels, side // DOWNSAMPLING, side // DOWNSAMPLING)  # noqa: E731
+    latents = {name: torch.randn(shape(vae), generator=generator).to(device) for name, vae in decoders.items()}
+
+    @torch.no_grad()
+    def decode(vae, latents):
+        return vae.decode(latents).sample
+
+    calls = {name: partial(decode, vae, latents[name]) for name, vae in decoders.items()}
+    measurements = interleaved_times(calls, plan.rounds, plan.min_run_time)
+    return {name: measurement.median for name, measurement in measurements.items()}
+
+
+@torch.no_grad()
+def measure_large_decode(decoder: Decoder, side: int, warmup_side: int, device: str) -> dict:
+    """Seconds and peak memory of decoding one side x side image from random latents, after an untimed warm-up decode
+    of a warmup_side image; run alone in its process. One call, timed directly (each call of SD's architecture at
+    1024 px takes minutes on a CPU: `torch.utils.benchmark` would add calls)."""
+    vae = build_decoder(decoder, device)
+    torch.manual_seed(0)
+    warmup = torch.randn(1, decoder.latent_channels, warmup_side // DOWNSAMPLING, warmup_side // DOWNSAMPLING)
+    latents = torch.randn(1, decoder.latent_channels, side // DOWNSAMPLING, side // DOWNSAMPLING)
+    vae.decode(warmup.to(device))
+    latents = latents.to(device)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        vae.decode(latents)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gb": memory.peak_gb, "baseline_gb": memory.baseline_gb}
+
+
+def estimated_decode_gb(widths: tuple[int, ...], side: int) -> float:
+    """Memory a decode needs above the loaded model, roughly: six float32 activations of the widest full-resolution
+    tensor (the second level's width, which its upsampler carries to full resolution), plus the output."""
+    return (6 * side**2 * widths[1] * 4 + 2 * 3 * side**2 * 4) / 1e9
+
+
+def large_decode(decoder: Decoder, side: int, plan: Plan, device: str, processes) -> dict | str:
+    """`measure_large_decode` in a new process of the `processes` context, or why it was not run."""
+    needed, available = estimated_decode_gb(decoder.widths, side), available_gb(device)
+    if needed > 0.75 * available:
+        return f"skipped: needs ~{needed:.0f} GB ({available:.0f} GB free)"
+    with ProcessPoolExecutor(max_workers=1, mp_context=processes) as process:
+        try:
+            return process.submit(measure_large_decode, decoder, side, plan.warmup_side, device).result()
+        except BrokenProcessPool:
+            return "failed: the process died (out of memory? its error, if any, is printed above)"
+
+
+@torch.no_grad()
+def decodes_grid(teacher, students: dict, images: torch.Tensor):
+    """Originals (top), then the teacher's decode of its latents (posterior modes), then each student's decode of the
+    same latents."""
+    latents = teacher.encode(images.to(teacher.device)).latent_dist.mode()
+    rows = [images, *(vae.decode(latents.to(vae.device)).sample for vae in (teacher, *students.values()))]
+    return image_grid([row.float().cpu().clamp(-1, 1) for row in rows])
+
+
+# The run and its report.
+
+
+def run(configs: dict[str, TrainConfig], teacher_folder: str, plan: Plan, device: str, image: Path) -> dict:
+    """Trains, then measures; results as `targets` and `report` read them."""
+    load = {"before": os.getloadavg()[0]}
+    trained = {name: train(config) for name, config in configs.items()}
+    load["after the trainings"] = os.getloadavg()[0]
+    students = [name for name in configs if name != "teacher"]
+
+    folders = {"teacher": teacher_folder} | {name: configs[name].output_dir for name in students}
+    vaes = {name: load_vae(folder).to(device).eval() for name, folder in folders.items()}
+    vaes[SD] = build_decoder(Decoder(None, STABLE_DIFFUSION_WIDTHS), device)
+    decoders = {
+        name: Decoder(folders.get(name), tuple(vae.config.block_out_channels), vae.config.latent_channels)
+        for name, vae in vaes.items()
+    }
+    parameters = {name: decoder_parameters(vae) for name, vae in vaes.items()}
+    decodes_grid(vaes["teacher"], {name: vaes[name] for name in students}, common_crop(load_data().test)).save(image)
+    speed = decode_seconds(vaes, plan.speed_side, plan, device)
+    del vaes
+    load["after the interleaved decodes"] = os.getloadavg()[0]
+
+    # Each large decode gets a process of its own, forked from a server that has only imported this module and its
+    # libraries: nothing left in memory from earlier cases (see benchmark_vae).
+    processes = multiprocessing.get_context("forkserver")
+    processes.set_forkserver_preload(["benchmarks.benchmark_distillation"])
+    large = {
+        side: {name: large_decode(decoder, side, plan, device, processes) for name, decoder in decoders.items()}
+        for side in plan.large_sides
+    }
+    load["after the large decodes"] = os.getloadavg()[0]
+    return {
+        "teacher": trained.get("teacher"),  # None when given
+        "students": {name: trained[name] for name in students},
+        "parameters": parameters,
+        "decode_seconds": speed,
+        "large": large,
+        "load": load,
+    }
+
+
+def targets(results: dict, plan: Plan) -> list[Target]:
+    """For each student: it decodes the teacher's latents within 0.5 dB (PSNR against the originals) of the teacher's
+    own decode, and the teacher decodes the student's latents within 1 dB of its own reconstructions. Then: the
+    default student, or the "small" preset, decodes at least 10x faster than Stable Diffusion's VAE architecture."""
+    found = []
+    for name, metrics in results["students"].items():
+        teacher, student = metrics["teacher_psnr"], metrics["psnr"]
+        found.append(
+            Target(
+                f"{LABELS[name]} decodes the teacher's latents within {STUDENT_MARGIN_DB} dB of the teacher (PSNR "
+                "against the originals)",
+                teacher - student,
+                STUDENT_MARGIN_DB,
+                at_least=False,
+                detail=f"{student:.2f} vs {teacher:.2f} dB ({student - teacher:+.2f} dB)",
+            )
+        )
+        of_student = metrics["teacher_decodes_student_psnr"]
+        found.append(
+            Target(
+                f"the teacher decodes the latents of the {LABELS[name]} within {TEACHER_DECODES_STUDENT_MARGIN_DB} dB "
+                "of its own reconstructions",
+                teacher - of_student,
+                TEACHER_DECODES_STUDENT_MARGIN_DB,
+                at_least=False,
+                detail=f"{of_student:.2f} vs {teacher:.2f} dB ({of_student - teacher:+.2f} dB)",
+            )
+        )
+    seconds = results["decode_seconds"]
+    speedups = {name: seconds[SD] / seconds[name] for name in results["students"]}
+    side = plan.speed_side
+    found.append(
+        Target(
+            f'the default student or the "small" preset decodes {side}x{side} at least {SPEEDUP_OVER_SD:g}x faster '
+            "than SD's VAE architecture",
+            max(speedups.values()),
+            SPEEDUP_OVER_SD,
+            at_least=True,
+            detail=", ".join(
+                f"{name} {speedup:.1f}x ({seconds[name]:.3f} vs {seconds[SD]:.2f} s)"
+                for name, speedup in speedups.items()
+            ),
+        )
+    )
+    return found
+
+
+def _cell(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def report(
+    results: dict,
+    configs: dict,
+    teacher_given: str | None,
+    plan: Plan,
+    device: str,
+    command: str,
+    wall_seconds: float,
+    image: str,
+) -> str:
+    students, parameters = results["students"], results["parameters"]
+    budget = next(iter(configs.values()))
+    first = next(iter(students.values()))
+    load = ", ".join(f"{when} {value:.2f}" for when, value in results["load"].items())
+    if teacher_given:
+        teacher_line = f"given: `{teacher_given}`"
+    else:
+        teacher_line = (
+            f"an `AutoencoderKL` with block_out_channels {CUSTOM_VAE_WIDTHS} (CustomVAE's widths; 4 "
+            "Down/UpDecoderBlock2D, layers_per_block 2, 4 latent channels), trained by the same trainer on the "
+            "same photos with the same budget"
+        )
+    lines = [
+        "## Distillation: CustomVAE students in an AutoencoderKL's latent space "
+        "(`benchmarks/benchmark_distillation.py`)",
+        "",
+        f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
+        f"- Command: `{command}`",
+        f"- Machine: {machine_description(device)}; decodes on {device}, float32",
+        f"- Load average (1 min): {load} (other work on the machine slows the timings and adds noise; the models "
+        "took turns, so ratios measured in this run are what count)",
+        f"- Training budget, for each model: {first['train_steps']} steps of {budget.train_batch_size} images at "
+        f"{budget.resolution[0]}x{budget.resolution[1]} from the embedded photos, learning rate "
+        f"{budget.learning_rate} ({budget.lr_scheduler}, {budget.lr_warmup_steps} warm-up steps), "
+        f"{budget.rec_loss}, seed {budget.seed}: the defaults of `python examples/train_vae.py` unless the command "
+        "says otherwise.",
+        f"- Teacher: {teacher_line}.",
+        "- Students: distilled by `train(TrainConfig(teacher_vae=...))` (`--teacher_vae`): latent regression onto the "
+        f"teacher's posterior ({budget.latent_scale}), {budget.rec_loss} reconstruction of the images from latents "
+        "sampled from the teacher's posterior; "
+        + "; ".join(f"{LABELS[name]}: {parameters[name] / 1e6:.2f} M decoder parameters" for name in students)
+        + ".",
+        f"- SD's VAE architecture: `AutoencoderKL` with block_out_channels {STABLE_DIFFUSION_WIDTHS}, the VAE of "
+        f"Stable Diffusion 1.x/2.x and SDXL ({parameters[SD] / 1e6:.1f} M decoder parameters), random weights: "
+        "timed only.",
+        f"- Held-out: {first['split']}; metrics by `evaluate_distillation`, from the posteriors' modes.",
+        "",
+        "### Targets",
+        "",
+        *(target.markdown() for target in targets(results, plan)),
+        "",
+        "### Fidelity on the held-out photos",
+        "",
+        "PSNR against the originals of each model's decode of the teacher's latents; then the student's decode "
+        "against the teacher's decode of the same latents; the teacher's decode of the model's own latents (for the "
+        "teacher: its reconstruction); encoder agreement: |student latents - teacher latents| / |teacher latents|.",
+        "",
+        "| model | PSNR (dB) | SSIM | MS-SSIM | vs the teacher's decode (dB) | teacher decodes its latents (dB) | "
+        "latent relative error | training images/s | minutes of steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    teacher = results["teacher"] or {}
+    lines.append(
+        "| "
+        + " | ".join(
+            [
+                LABELS["teacher"],
+                _cell(first["teacher_psnr"], 2),
+                _cell(teacher.get("ssim", "-"), 4),
+                _cell(teacher.get("ms_ssim", "-"), 4),
+                "-",
+                _cell(first["teacher_psnr"], 2),
+                "-",
+                _cell(teacher.get("train_images_per_second", "-"), 2),
+                _cell(teacher["train_seconds"] / 60 if teacher else "-", 1),
+            ]
+        )
+        + " |"
+    )
+    for name, metrics in students.items():
+        cells = [
+            LABELS[name],
+            _cell(metrics["psnr"], 2),
+            _cell(metrics["ssim"], 4),
+            _cell(metrics["ms_ssim"], 4),
+            _cell(metrics["student_vs_teacher_psnr"], 2),
+            _cell(metrics["teacher_decodes_student_psnr"], 2),
+            _cell(metrics["latent_relative_error"], 3),
+            _cell(metrics["train_images_per_second"], 2),
+            _cell(metrics["train_seconds"] / 60, 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    seconds = results["decode_seconds"]
+    side = plan.speed_side
+    lines += [
+        "",
+        f"### Decoding one {side}x{side} image: seconds (lower is better)",
+        "",
+        f"Random latents, under `torch.no_grad()`; `torch.utils.benchmark` in {plan.rounds} round(s) in which the "
+        "models take turns, each turn one untimed warm-up call, then timed calls for at least "
+        f"{plan.min_run_time:g} s (at least one); the median of the timed calls.",
+        "",
+        "| model | decoder parameters (M) | seconds | teacher's time / model's | SD architecture's time / model's |",
+        "|---|---|---|---|---|",
+    ]
+    for name in seconds:
+        lines.append(
+            f"| {LABELS[name]} | {parameters[name] / 1e6:.2f} | {seconds[name]:.3f} | "
+            f"{seconds['teacher'] / seconds[name]:.2f} | {seconds[SD] / seconds[name]:.2f} |"
+        )
+
+    large = results["large"]
+    headers = [f"{side}x{side}: {what}" for side in large for what in ("seconds", "peak GB", "SD's time / model's")]
+    lines += [
+        "",
+        "### Decoding one image in a process of its own: seconds and peak memory (lower is better)",
+        "",
+        f"One untimed {plan.warmup_side} px warm-up decode, then one timed decode. Peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated during the decode minus torch.cuda.memory_allocated before it"
+            if device == "cuda"
+            else "the process's peak resident set size during the decode (VmHWM, reset just before it) minus its "
+            "resident set size just before it (imports, model and latents loaded)"
+        )
+        + ".",
+        "",
+        "| model | " + " | ".join(headers) + " |",
+        "|---|" + "---|" * len(headers),
+    ]
+    for name in LABELS:
+        if name not in large[plan.large_sides[0]]:
+            continue
+        cells = []
+        for cases in large.values():
+            case, sd = cases[name], cases[SD]
+            if isinstance(case, str):
+                cells += [case, "-", "-"]
+                continue
+            ratio = f"{sd['seconds'] / case['seconds']:.2f}" if isinstance(sd, dict) else "-"
+            cells += [f"{case['seconds']:.2f}", f"{case['peak_gb']:.2f}", ratio]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Held-out photos (top), the teacher's decode of their latents, then each student's decode of the same latents "
+        f"({', '.join(LABELS[name] for name in students)}):",
+        "",
+        f"![held-out photos, the teacher's and the students' decodes]({image})",
+    ]
+    return "\n".join(lines)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of TrainConfig fields was expected, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; returns `run`'s results."""
+    parser = argparse.ArgumentParser(
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="2 steps at 32 px, tiny decodes: a smoke test")
+    parser.add_argument(
+        "--teacher",
+        help="a trained AutoencoderKL or CustomVAE to distil: a folder, or a Hub id as --teacher_vae takes (default: "
+        "train one of CustomVAE's widths with the students' budget)",
+    )
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        choices=list(STUDENTS),
+        default=list(STUDENTS),
+        help="which students to distil: default (CustomVAE()), small (the preset) (default: both)",
+    )
+    parser.add_argument(
+        "--train_config",
+        type=_json_object,
+        default={},
+        help="TrainConfig fields for every training alike, as a JSON object, e.g. '{\"max_train_steps\": 200}' "
+        "(default: none, the main job's budget; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the decodes are timed")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
+        help="markdown file whose benchmark_distillation section is rewritten (default: BENCHMARKS.md at the "
+        "repository root)",
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=Path(__file__).resolve().parent / "benchmark_distillation.png",
+        help="where to save the held-out photos above the teacher's and each student's decodes",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was given, but torch sees no CUDA device; use --device cpu.")
+    for path in (args.output, args.image):
+        if not path.parent.is_dir():
+            parser.error(f"{path}: its folder {path.parent} does not exist")
+    settable = {field.name for field in dataclasses.fields(TrainConfig)} - set(SET_BY_THE_BENCHMARK)
+    if unknown := sorted(set(args.train_config) - settable):
+        parser.error(
+            f"--train_config: {', '.join(unknown)}: expected TrainConfig fields other than "
+            f"{', '.join(SET_BY_THE_BENCHMARK)} (the benchmark sets those)"
+        )
+    if args.teacher is not None:
+        try:
+            load_vae(args.teacher)  # refused here, before any training, if it is not a VAE folder
+        except (OSError, ValueError, TypeError) as error:
+            parser.error(f"--teacher {args.teacher}: {error}")
+    students = list(dict.fromkeys(args.students))  # in the order given, once each
+    fields = {**(QUICK_FIELDS if args.quick else {}), **args.train_config}
+    plan = QUICK if args.quick else FULL
+
+    command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            configs = train_configs(fields, Path(workdir), args.teacher, students)
+        except ValueError as error:  # TrainConfig's own checks of the values
+            parser.error(f"--train_config: {error}")
+        teacher_folder = args.teacher or configs["teacher"].output_dir
+        results = run(configs, teacher_folder, plan, args.device, args.image)
+    image = os.path.relpath(args.image, args.output.parent)  # as the markdown file links it
+    markdown = report(results, configs, args.teacher, plan, args.device, command, time.perf_counter() - start, image)
+    print(markdown)  # first, so that a file that can't be written loses nothing
+    write_section(args.output, SECTION, markdown)
+    print(f"\nWritten to the {SECTION} section of {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
