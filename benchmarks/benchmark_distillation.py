@@ -17,7 +17,6 @@ teacher and each student from the teacher's latents. `--train_config` changes th
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import shlex
@@ -41,7 +40,7 @@ from diffusers_custom_vae.training import TrainConfig, train
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
-from .report import Target, machine_description, write_section
+from .report import Target, json_object, machine_description, publish
 
 SECTION = "benchmark_distillation"
 COMMAND = "python -m benchmarks.benchmark_distillation"
@@ -433,16 +432,6 @@ def report(
     return "\n".join(lines)
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object of TrainConfig fields was expected, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict:
     """The command line; returns `run`'s results."""
     parser = argparse.ArgumentParser(
@@ -463,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--train_config",
-        type=_json_object,
+        type=json_object,
         default={},
         help="TrainConfig fields for every training alike, as a JSON object, e.g. '{\"max_train_steps\": 200}' "
         "(default: none, the main job's budget; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
@@ -514,9 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(configs, teacher_folder, plan, args.device, args.image)
     image = os.path.relpath(args.image, args.output.parent)  # as the markdown file links it
     markdown = report(results, configs, args.teacher, plan, args.device, command, time.perf_counter() - start, image)
-    print(markdown)  # first, so that a file that can't be written loses nothing
-    write_section(args.output, SECTION, markdown)
-    print(f"\nWritten to the {SECTION} section of {args.output}")
+    publish(args.output, SECTION, markdown)
     return results
 
 

@@ -12,7 +12,6 @@ of BENCHMARKS.md, with an image of the held-out photos above each model's recons
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -27,7 +26,7 @@ from diffusers_custom_vae.loading import load_vae
 from diffusers_custom_vae.training import TrainConfig, train
 
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
-from .report import Target, machine_description, write_section
+from .report import Target, json_object, machine_description, publish
 
 SECTION = "benchmark_training"
 COMMAND = "python -m benchmarks.benchmark_training"
@@ -96,16 +95,6 @@ def report(results: dict[str, dict], config: TrainConfig, command: str, wall_sec
     return "\n".join(lines)
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object of TrainConfig fields was expected, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """The command line; returns {model name: what `train` returned}."""
     parser = argparse.ArgumentParser(
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--quick", action="store_true", help="2 steps at 32 px: a smoke test")
     parser.add_argument(
         "--train_config",
-        type=_json_object,
+        type=json_object,
         default={},
         help='TrainConfig fields for both models, as a JSON object, e.g. \'{"resolution": 256, "max_train_steps": '
         "50000}' (default: none; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
@@ -149,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         comparison_grid(vaes, common_crop(load_data().test)).save(args.image)
     image = os.path.relpath(args.image, args.output.parent)  # as the markdown file links it
     markdown = report(results, configs["CustomVAE"], command, time.perf_counter() - start, image)
-    print(markdown)
-    write_section(args.output, SECTION, markdown)
-    print(f"\nWritten to the {SECTION} section of {os.fspath(args.output)}")
+    publish(args.output, SECTION, markdown)
     return results
 
 

@@ -30,7 +30,7 @@ from diffusers_custom_vae import CustomVAE, tutorial
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
-from .report import Target, machine_description, write_section
+from .report import Target, machine_description, publish
 
 SECTION = "benchmark_vae"
 COMMAND = "python -m benchmarks.benchmark_vae"
@@ -377,9 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(plan, args.device)
     command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     markdown = report(results, plan, args.device, command, time.perf_counter() - start, load_before)
-    print(markdown)  # first, so that a file that can't be written loses nothing
-    write_section(args.output, SECTION, markdown)
-    print(f"\nWritten to the {SECTION} section of {args.output}")
+    publish(args.output, SECTION, markdown)
     return results
 
 

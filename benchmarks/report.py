@@ -1,6 +1,8 @@
 """The benchmarks' reports: targets checked on the numbers, the machine in one line, and BENCHMARKS.md, which the
 benchmark scripts share: each owns a section between two markers and rewrites only it."""
 
+import argparse
+import json
 import os
 import platform
 import re
@@ -67,3 +69,22 @@ def machine_description(device: str) -> str:
         f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GB RAM{gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, diffusers {diffusers.__version__}"
     )
+
+
+def publish(path: str | Path, name: str, markdown: str) -> None:
+    """Prints a report, then writes it into its section of BENCHMARKS.md (printed first: a file that cannot be
+    written loses nothing)."""
+    print(markdown)
+    write_section(path, name, markdown)
+    print(f"\nWritten to the {name} section of {os.fspath(path)}")
+
+
+def json_object(text: str) -> dict:
+    """`--train_config`'s argparse type: a JSON object (of TrainConfig fields)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of TrainConfig fields was expected, got {text!r}")
+    return value

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from test_loading import make_hub_cache
-from tiny_pipelines import TINY_VAE_8X, tiny_autoencoder_kl, tiny_pipeline
+from tiny_pipelines import TINY_AUTOENCODER_KL_CONFIG, TINY_VAE_8X, tiny_autoencoder_kl, tiny_pipeline
 
 from diffusers_custom_vae import CustomVAE, LatentSpaceWarning, swap_vae
 from diffusers_custom_vae.latent_spaces import encoder_fingerprint, latent_space_of, shares_latent_space
@@ -30,14 +30,7 @@ from diffusers_custom_vae.training.distillation import DistillationObjective
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = {**TINY_VAE_8X, "block_out_channels": [8, 8, 8, 8]}
-TEACHER = {
-    "_class_name": "AutoencoderKL",
-    "block_out_channels": [8, 8, 16, 16],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
+TEACHER = TINY_AUTOENCODER_KL_CONFIG
 
 
 @pytest.fixture(scope="module")

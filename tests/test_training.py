@@ -19,6 +19,7 @@ import yaml
 from accelerate.utils import DistributedType
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
+from tiny_pipelines import TINY_AUTOENCODER_KL_CONFIG
 
 from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.training import TrainConfig, VAEObjective, checkpoint_steps, train
@@ -471,15 +472,7 @@ def test_trains_a_diffusers_autoencoderkl_and_fine_tunes_its_decoder(flags, tmp_
     training keeps the encoder, hence the latent space and the scaling factor."""
     from diffusers import AutoencoderKL
 
-    config = {
-        "_class_name": "AutoencoderKL",
-        "block_out_channels": [8, 8, 16, 16],
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-    }
-    (tmp_path / "akl.json").write_text(json.dumps(config))
+    (tmp_path / "akl.json").write_text(json.dumps(TINY_AUTOENCODER_KL_CONFIG))
     run_example("train_vae", [*flags(tmp_path / "akl"), "--model_config", str(tmp_path / "akl.json")])
     trained = AutoencoderKL.from_pretrained(tmp_path / "akl")
     assert finite_and_not(trained.config.scaling_factor, 0.18215)  # estimated from the data

@@ -32,6 +32,15 @@ SDXL_SCALING_FACTOR = 0.13025  # the SDXL VAE's
 
 # 8x downsampling like the Stable Diffusion VAE, 8 channels wide.
 TINY_VAE_8X = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, num_attention_heads=2)
+# A `--model_config` that trains a tiny 8x diffusers AutoencoderKL (SD's VAE layout).
+TINY_AUTOENCODER_KL_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 
 
 def tiny_custom_vae(**config) -> CustomVAE:
