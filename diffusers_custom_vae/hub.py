@@ -135,7 +135,7 @@ def render_pipeline_card(pipe, repo_id: str | None = None, license: str | None =
         pipeline_class=type(pipe).__name__,
         repo_id=repo_id or "path/to/this/folder",
         vae_parameters=f"{sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M",
-        latent_space=latent_space_of(pipe.vae),
+        latent_space=describe_latent_space(pipe.vae) if latent_space_of(pipe.vae) else None,
     )
 
 

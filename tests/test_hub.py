@@ -8,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from diffusers_custom_vae import CustomVAE
+from diffusers_custom_vae import CustomVAE, swap_vae
 from diffusers_custom_vae.hub import render_model_card
 
 
@@ -136,3 +136,18 @@ def test_push_pipeline_to_hub_uploads_what_loads_without_the_package(fake_hub):
     fake_hub.existing_files.add("README.md")  # a card already in the repo is kept
     push_pipeline_to_hub(pipe, "user/dog-pipe")
     assert not (fake_hub.uploads[1].folder / "README.md").exists()
+
+
+def test_a_pipeline_card_describes_a_distilled_vaes_space_in_words():
+    """A VAE distilled from an unnamed teacher records a fingerprint: the card says whose space it is, in words."""
+    from tiny_pipelines import tiny_autoencoder_kl, tiny_custom_vae, tiny_pipeline
+
+    from diffusers_custom_vae.hub import render_pipeline_card
+    from diffusers_custom_vae.latent_spaces import encoder_fingerprint
+
+    teacher = tiny_autoencoder_kl(scaling_factor=0.5)
+    pipe = tiny_pipeline(vae=teacher)
+    swap_vae(pipe, tiny_custom_vae(latent_space=encoder_fingerprint(teacher)))
+    text = render_pipeline_card(pipe).text
+    assert "latents live in the latent space of the VAE it was distilled from (encoder-sha256:" in text
+    assert "the `encoder-sha256" not in text
