@@ -173,3 +173,48 @@ class TrainConfig(RunConfig):
         if self.rec_loss not in ("l1", "l2"):
             problems.append(f"--rec_loss must be l1 or l2, got {self.rec_loss!r}")
         return problems
+
+
+@dataclass
+class LatentDiffusionConfig(RunConfig):
+    """A latent diffusion run (`LatentDiffusionObjective`): a class-conditional DiT learns to denoise the latents of a
+    trained VAE. The defaults are the second main job: the embedded photos, with the first main job's VAE
+    (outputs/custom-vae), 64 px, a tiny DiT, a few CPU minutes."""
+
+    vae: str = _flag("outputs/custom-vae", "the VAE whose latent space the model learns: a folder or Hub id")
+    vae_subfolder: str | None = _flag(None, "the VAE's subfolder, e.g. vae for a pipeline's repo")
+    model_config: str = _flag(
+        "tiny",
+        "the DiT: a preset (tiny, S/2, B/2: the DiT paper's widths) or a JSON file of DiTTransformer2DModel arguments",
+    )
+    label_column: str | None = _flag(
+        None, "the dataset column holding class labels (a folder's classes: its subfolders)"
+    )
+    class_dropout_prob: float = _flag(
+        0.1, "how often a label is replaced by the null label (classifier-free guidance)"
+    )
+    guidance_scale: float = _flag(4.0, "classifier-free guidance of the validation samples")
+    num_inference_steps: int = _flag(25, "denoising steps of the validation samples (DDIM)")
+    num_train_epochs: int = _flag(5, "epochs, when --max_train_steps is not given")
+    max_train_steps: int | None = _flag(1500, "total optimiser steps (overrides --num_train_epochs)")
+    train_batch_size: int = _flag(32, "latents per process per step")
+    learning_rate: float = _flag(3e-4, "AdamW learning rate")
+    lr_scheduler: str = _flag(
+        "constant_with_warmup", "a diffusers scheduler: constant, constant_with_warmup, cosine, ..."
+    )
+    use_ema: bool = _flag(True, "keep an exponential moving average of the weights for validation and the result")
+    ema_decay: float = _flag(0.995, "the EMA's largest decay (it warms up from 0); ~0.9999 for long runs")
+    validation_steps: int = _flag(500, "validate (held-out denoising loss, samples per class) every this many steps")
+    output_dir: str = _flag("outputs/custom-dit", "where the pipeline, checkpoints, logs and model card go")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.class_dropout_prob < 1:
+            problems.append(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if not self.guidance_scale >= 1:
+            problems.append(f"--guidance_scale must be at least 1, got {self.guidance_scale}")
+        if not self.num_inference_steps >= 1:
+            problems.append(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.resolution[0] != self.resolution[1]:
+            problems.append(f"--resolution must be square (DiTPipeline samples square images), got {self.resolution}")
+        return problems

@@ -31,8 +31,8 @@ class Objective:
       `save` writes, which a new run refuses to overwrite (class attributes: checked before the objective is built).
     - `model`: the module trained, averaged (EMA), validated and saved; `training_module()` is what accelerate wraps
       and the step calls (the model itself, or a wrapper whose `forward` makes the step's one call).
-    - `load_data() -> DataSplits`: `train` (a dataset with `set_epoch`), a fixed `validation` batch (a tensor or a
-      dict of tensors) and what `save` evaluates on.
+    - `load_data(accelerator) -> DataSplits`: `train` (a dataset with `set_epoch`), a fixed `validation` batch (a
+      tensor or a dict of tensors) and what `save` evaluates on.
     - `prepare(accelerator, make_optimizer)`: wraps what else trains (a discriminator) and moves frozen helpers (a
       teacher, a VAE) to the device; returns {name: (wrapped module, optimiser)} for the trainer to step beside the
       model's and to checkpoint.
@@ -53,7 +53,7 @@ class Objective:
     def training_module(self) -> nn.Module:
         return self.model
 
-    def load_data(self):
+    def load_data(self, accelerator: Accelerator):
         raise NotImplementedError
 
     def prepare(self, accelerator: Accelerator, make_optimizer) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
@@ -93,7 +93,7 @@ class VAEObjective(Objective):
         self.model = build_vae(config)
         self.config = config
 
-    def load_data(self):
+    def load_data(self, accelerator):
         return load_data(**self.config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
 
     def training_module(self) -> nn.Module:

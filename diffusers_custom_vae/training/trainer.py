@@ -60,7 +60,7 @@ class Trainer:
         set_seed(config.seed, device_specific=True)  # each rank draws its own posterior noise, reproducibly
         self.objective = objective(config)
         self.model = self.objective.model  # `self.module` below is what accelerate wraps and the step calls
-        self.data = self.objective.load_data()
+        self.data = self.objective.load_data(accelerator)
         self.images_per_step = config.images_per_step * accelerator.num_processes
         self._prepare_optimisation()
         self.state = TrainingState()
