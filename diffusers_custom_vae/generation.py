@@ -3,10 +3,11 @@
 import os
 
 import torch
-from diffusers import DiTPipeline
+from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
 from .images import image_grid, tensor_to_pil
+from .loading import load_vae
 
 
 def class_ids_of(pipe: DiTPipeline, class_names: list[str] | None = None, class_ids: list[int] | None = None):
@@ -28,6 +29,29 @@ def class_ids_of(pipe: DiTPipeline, class_names: list[str] | None = None, class_
     if not known:
         raise ValueError("This pipeline has no id2label in its model_index.json: give --class_id.")
     return sorted(set(known.values()))
+
+
+def load_dit_pipeline(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> DiTPipeline:
+    r"""
+    Load a `DiTPipeline` saved by the latent diffusion trainer with this package's classes: its VAE through
+    `loading.load_vae` (as strictly as every VAE here), so no code from the folder runs. (`DiTPipeline.from_pretrained`
+    needs `trust_remote_code=True` for such a folder, package or not: the VAE's modeling file ships in `vae/`.)
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): The pipeline's folder or Hub id.
+        **from_pretrained_kwargs: Passed to each component's `from_pretrained` (`cache_dir`, `revision`...).
+    """
+    index = DiTPipeline.load_config(name_or_path, **from_pretrained_kwargs)
+    if index.get("_class_name") != "DiTPipeline":
+        raise ValueError(f"{os.fspath(name_or_path)} holds a {index.get('_class_name')}, not a DiTPipeline.")
+    return DiTPipeline(
+        transformer=DiTTransformer2DModel.from_pretrained(
+            name_or_path, subfolder="transformer", **from_pretrained_kwargs
+        ),
+        vae=load_vae(name_or_path, subfolder="vae", **from_pretrained_kwargs),
+        scheduler=DDIMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **from_pretrained_kwargs),
+        id2label=index.get("id2label"),
+    )
 
 
 @torch.no_grad()
@@ -62,7 +86,7 @@ def generate(
             raise ValueError(f"--{name} must be at least {lowest}, got {value}.")
     if not guidance_scale >= 1:
         raise ValueError(f"--guidance_scale must be at least 1, got {guidance_scale}.")
-    pipe = pipeline if isinstance(pipeline, DiTPipeline) else DiTPipeline.from_pretrained(pipeline)
+    pipe = pipeline if isinstance(pipeline, DiTPipeline) else load_dit_pipeline(pipeline)
     labels = class_ids_of(pipe, class_names, class_ids)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator(pipe.device).manual_seed(seed)

@@ -95,7 +95,8 @@ class LatentDiffusionObjective(Objective):
                 f"{self.scaling_factor / std:.5g} (e.g. `latents.estimate_scaling_factor`) and train again."
             )
             logger.warning(message)
-        print(message)
+        else:
+            print(message)
 
     @torch.no_grad()
     def validation_batch(self, splits) -> dict[str, torch.Tensor]:
