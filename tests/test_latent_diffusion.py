@@ -4,6 +4,8 @@
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import EXAMPLES, TINY_CONFIG
 from diffusers import DiTPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -113,8 +115,6 @@ def test_a_step_drops_labels_to_the_null_label_once_per_sample(workdir):
 @pytest.fixture(scope="module")
 def trained(workdir):
     """Two steps through the command line: the output folder is a DiTPipeline."""
-    from conftest import EXAMPLES
-
     spec = importlib.util.spec_from_file_location("example_tld", os.path.join(EXAMPLES, "train_latent_diffusion.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -215,6 +215,23 @@ def test_stop_and_resume_ends_with_the_same_weights(workdir, tmp_path, run_examp
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+@needs_cache
+def test_the_docs_python_snippets_run(trained, tmp_path, monkeypatch):
+    """docs/latent-diffusion.md as printed, on a copy of the trained folder whose classes are named as there."""
+    shutil.copytree(trained[0], tmp_path / "pets-dit")
+    index_file = tmp_path / "pets-dit" / "model_index.json"
+    index_file.write_text(json.dumps(json.loads(index_file.read_text()) | {"id2label": {"0": "cat", "1": "dog"}}))
+    monkeypatch.chdir(tmp_path)
+    docs = (Path(EXAMPLES).parent / "docs" / "latent-diffusion.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
+    assert len(snippets) == 2
+    namespaces = [{}, {}]
+    for snippet, namespace in zip(snippets, namespaces):
+        exec(compile(snippet, "docs/latent-diffusion.md", "exec"), namespace)
+        assert type(namespace["pipe"]).__name__ == "DiTPipeline" and namespace["pipe"].labels == {"cat": 0, "dog": 1}
+    assert [image.size for image in namespaces[0]["images"]] == [(16, 16), (16, 16)]
+
+
 # ------------------------------------------------------------------------------------------------------- refusals
 
 
@@ -238,3 +255,67 @@ def test_without_arguments_it_asks_for_the_first_main_job(tmp_path, run_example,
     monkeypatch.chdir(tmp_path)
     error = error_of(run_example, capsys, "train_latent_diffusion", [])
     assert "outputs/custom-vae" in error and "examples/train_vae.py" in error
+
+
+# ---------------------------------------------------------------------------------------------------- quality (slow)
+
+
+def colour_classes(root: Path, count: int = 48, size: int = 64) -> Path:
+    """Two visually distinct classes of `size` px images: "warm" (reds and oranges) and "cool" (blues and greens),
+    each a random two-colour gradient with a disc of a third colour of its class."""
+    rng = np.random.default_rng(0)
+    palettes = {
+        "warm": [(230, 60, 30), (250, 160, 40), (190, 30, 60)],
+        "cool": [(30, 90, 220), (30, 180, 150), (70, 40, 190)],
+    }
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    yy, xx = np.mgrid[:size, :size]
+    for name, palette in palettes.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            a, b, c = (np.array(palette[i]) + rng.normal(0, 15, 3) for i in rng.permutation(3))
+            pixels = (1 - ramp) * a + ramp * b + np.zeros((size, 1, 1))
+            cy, cx, r = rng.uniform(16, 48, 2).tolist() + [rng.uniform(8, 18)]
+            pixels[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = c
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{index}.png")
+    return root
+
+
+@needs_cache
+@pytest.mark.slow
+def test_samples_follow_their_class(tmp_path):
+    """Issue 16, item 9: 1,500 steps at batch 32, learning rate 3e-4, the tiny DiT, 64 px images of two visually
+    distinct classes; samples (guidance 4, 25 DDIM steps) are nearest their own class's mean colour."""
+    data = colour_classes(tmp_path / "images")
+    vae_flags = ["--train_data_dir", str(data), "--max_train_steps", "250", "--report_to", "none", "--random_flip"]
+    run = lambda script, argv: subprocess.run(  # noqa: E731
+        [sys.executable, os.path.join(EXAMPLES, script), *argv], check=True, timeout=1800
+    )
+    run("train_vae.py", [*vae_flags, "--output_dir", str(tmp_path / "vae")])
+    run(
+        "train_latent_diffusion.py",
+        [*vae_flags[:2], "--vae", str(tmp_path / "vae"), "--output_dir", str(tmp_path / "dit"), "--report_to", "none"]
+        + "--resolution 64 --max_train_steps 1500 --train_batch_size 32 --learning_rate 3e-4".split()
+        + "--model_config tiny --guidance_scale 4 --num_inference_steps 25".split(),
+    )
+    pipe = load_dit_pipeline(tmp_path / "dit")
+    class_means = {
+        name: np.mean([np.asarray(Image.open(p), float).mean((0, 1)) for p in (data / name).glob("*.png")], 0)
+        for name in ("cool", "warm")
+    }
+    hits = 0
+    for name in ("cool", "warm"):
+        images = pipe(
+            pipe.get_label_ids([name]) * 12,
+            guidance_scale=4.0,
+            num_inference_steps=25,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+        for image in images * 255:
+            colour = image.mean((0, 1))
+            nearest = min(class_means, key=lambda other: np.linalg.norm(colour - class_means[other]))
+            hits += nearest == name
+    image_grid_path = tmp_path / "dit" / "samples.png"
+    assert image_grid_path.is_file()
+    assert hits >= 20, f"{hits} of 24 samples are nearest their own class's mean colour"
