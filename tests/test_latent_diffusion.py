@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import EXAMPLES, TINY_CONFIG
 from diffusers import DiTPipeline
+from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 from safetensors.torch import load_file
 from test_remote_code import WITHOUT_PACKAGE
@@ -230,6 +233,33 @@ def test_the_docs_python_snippets_run(trained, tmp_path, monkeypatch):
         exec(compile(snippet, "docs/latent-diffusion.md", "exec"), namespace)
         assert type(namespace["pipe"]).__name__ == "DiTPipeline" and namespace["pipe"].labels == {"cat": 0, "dog": 1}
     assert [image.size for image in namespaces[0]["images"]] == [(16, 16), (16, 16)]
+
+
+@needs_cache
+def test_push_uploads_the_pipeline_folder_it_wrote(workdir, tmp_path, run_example, monkeypatch):
+    """The same --push_to_hub as train_vae.py: the pipeline's subfolders go up; a user's file and checkpoints stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("private")
+    uploaded = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded.extend(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return "https://huggingface.co/user/dit/commit/1"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    run_example("train_latent_diffusion", flags(workdir, out, "--push_to_hub", "--hub_model_id", "user/dit"))
+    expected = {"model_index.json", "README.md", "samples.png", "metrics.json", "training_config.json"}
+    expected |= {
+        "transformer/config.json",
+        "vae/config.json",
+        "vae/modeling_custom_vae.py",
+        "scheduler/scheduler_config.json",
+    }
+    assert expected <= set(uploaded) and "notes.txt" not in uploaded
+    assert not any(name.startswith(("checkpoint-", "logs")) for name in uploaded)
 
 
 # ------------------------------------------------------------------------------------------------------- refusals

@@ -62,7 +62,13 @@ def write_output_folder(model, objective, data, config: RunConfig, num_processes
         print(f"Skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}.")
     if config.push_to_hub:
         # Only what this export wrote: never the user's other files in the folder, nor checkpoints and logs.
-        written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.stat().st_mtime_ns >= started)
+        written = sorted(
+            path.relative_to(output_dir).as_posix()
+            for path in output_dir.rglob("*")  # an objective may save folders (a pipeline's transformer/, vae/...)
+            if path.is_file()
+            and path.stat().st_mtime_ns >= started
+            and not path.relative_to(output_dir).parts[0].startswith(("checkpoint-", "logs"))
+        )
         repo_id = config.hub_model_id or output_dir.name
         url = upload_folder_to_hub(output_dir, repo_id, allow_patterns=written)
         print(f"Pushed {', '.join(written)} to {url}")
