@@ -281,6 +281,25 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, tmp_path, run_example
         assert not (tmp_path / "out").exists()
 
 
+@needs_cache
+def test_a_vae_checkpoint_is_not_resumed_as_latent_diffusion(workdir, tmp_path, run_example, capsys):
+    run_example(
+        "train_vae",
+        ["--train_data_dir", str(workdir / "images"), "--resolution", "16", "--max_train_steps", "1"]
+        + [
+            "--model_config",
+            str(workdir / "vae" / "config.json"),
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+    )
+    resume = ["--resume_from_checkpoint", "latest"]
+    error = error_of(run_example, capsys, "train_latent_diffusion", flags(workdir, tmp_path / "out", *resume))
+    assert "is a VAE training run" in error and "train_vae.py" in error
+
+
 def test_without_arguments_it_asks_for_the_first_main_job(tmp_path, run_example, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     error = error_of(run_example, capsys, "train_latent_diffusion", [])

@@ -161,6 +161,9 @@ class VAEObjective(Objective):
         """A paragraph for the model card, under its first lines (`None`: none)."""
         return None
 
+    def checkpoint_facts(self) -> dict:
+        return {"objective": self.name, "resume_with": "examples/train_vae.py, without --teacher_vae"}
+
     @property
     def description(self) -> str:
         config = self.config
