@@ -75,6 +75,24 @@ def error_of(run_example, capsys, script: str, argv) -> str:
 # ------------------------------------------------------------------------------------------------------ the model
 
 
+def test_the_trainer_imports_no_objective_and_three_objectives_share_one_interface():
+    import ast
+
+    from diffusers_custom_vae.training import DistillationObjective, Objective, VAEObjective, trainer
+
+    tree = ast.parse(Path(trainer.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert "Objective" in imported and not imported & {
+        "VAEObjective",
+        "DistillationObjective",
+        "LatentDiffusionObjective",
+    }
+    for objective in (VAEObjective, DistillationObjective, LatentDiffusionObjective):
+        assert issubclass(objective, Objective) and objective.output_patterns
+        for step in ("load_data", "loss", "validate", "save"):
+            assert getattr(objective, step) is not getattr(Objective, step), (objective, step)
+
+
 def test_the_dit_fits_the_vaes_latents_and_has_diTPipelines_null_label(workdir):
     config = LatentDiffusionConfig(vae=str(workdir / "vae"), model_config="tiny", resolution=[16], report_to="none")
     objective = LatentDiffusionObjective(config)
@@ -143,6 +161,7 @@ def test_the_output_folder_is_a_dit_pipeline_with_class_names_and_no_clipping(tr
     assert Image.open(folder / "samples.png").height > 2 * 16  # a row per class
     card = (folder / "README.md").read_text()
     assert "blue, red" in card and "held-out denoising loss" in card and "![samples](samples.png)" in card
+    assert 'load_dit_pipeline("path/to/this/folder")' in card and "trust_remote_code=True" in card
 
 
 @needs_cache

@@ -201,7 +201,7 @@ class LatentDiffusionObjective(Objective):
             scaling_factor=f"{self.scaling_factor:.5g}",
             latent_std=f"{metrics['latent_std']:.3f}",
             held_out_loss=f"{metrics['held_out_loss']:.4f}",
-            metrics_split=data.test_description,
+            metrics_split=f"{len(data.validation['latents']) // VALIDATION_TIMESTEPS} held-out images",
             guidance_scale=config.guidance_scale,
             num_inference_steps=config.num_inference_steps,
             training=training,
