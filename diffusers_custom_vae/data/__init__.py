@@ -27,6 +27,8 @@ def load_data(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     image_column: str = "image",
+    label_column: str | None = None,
+    class_labels: bool = False,
     resolution: int | Sequence[int] = 256,
     center_crop: bool = False,
     random_flip: bool = False,
@@ -44,6 +46,13 @@ def load_data(
         dataset_name (`str`, *optional*): A Hugging Face dataset: Hub name or local path.
         dataset_config_name (`str`, *optional*): The dataset's configuration.
         image_column (`str`, *optional*, defaults to "image"): The dataset's column of images.
+        label_column (`str`, *optional*): The dataset's column of class labels (a `ClassLabel`: its names; else its
+            sorted distinct values). Implies `class_labels`.
+        class_labels (`bool`, *optional*, defaults to False): Read the data's classes into `DataSplits.class_names`
+            and the datasets' `labels`: a folder's top-level subfolders (every image must be in one; an empty one is
+            an error naming it; no subfolders: no classes), the dataset's `label_column`, or each embedded training
+            photo its own class (its crops share its subject and colours, so samples of a class can be checked by
+            eye against its photo). Without classes, every label is 0 and `class_names` is empty.
         resolution (`int` or `(H, W)`, *optional*, defaults to 256): Training size, multiples of `downsample_factor`.
         center_crop (`bool`, *optional*, defaults to False): Centre rather than random crops (folder and dataset).
         random_flip (`bool`, *optional*, defaults to False): Random horizontal flips.
@@ -68,11 +77,18 @@ def load_data(
         raise ValueError("Give train_data_dir or dataset_name, not both")
     if dataset_name is None and (streaming or dataset_config_name is not None):
         raise ValueError("streaming and dataset_config_name apply only to a dataset given by dataset_name")
+    if label_column is not None and dataset_name is None:
+        raise ValueError(
+            "label_column applies to a dataset given by dataset_name; a folder's classes are its subfolders"
+        )
+    class_labels = class_labels or label_column is not None
     if dataset_name is not None:
-        return dataset_splits(dataset_name, dataset_config_name, image_column, streaming, cache_dir, options)
+        return dataset_splits(
+            dataset_name, dataset_config_name, image_column, streaming, cache_dir, options, label_column
+        )
     if train_data_dir is not None:
-        return folder_splits(train_data_dir, options)
-    return embedded_splits(options)
+        return folder_splits(train_data_dir, options, class_labels)
+    return embedded_splits(options, class_labels)
 
 
 __all__ = [

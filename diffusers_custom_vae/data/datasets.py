@@ -32,6 +32,8 @@ class ImageDataset(torch.utils.data.Dataset):
         read_image (`Callable`, *optional*, defaults to `images.load_image`): item -> RGB PIL image.
         seed (`int`, *optional*, defaults to 0): seed of the augmentation.
         label (`str`, *optional*, defaults to "image"): names items that are not paths in warnings, as `label[index]`.
+        labels (`Sequence[int]`, *optional*): each item's class index (see `DataSplits.class_names`); all 0 (one
+            class: unconditional) when not given.
     """
 
     def __init__(
@@ -41,9 +43,13 @@ class ImageDataset(torch.utils.data.Dataset):
         read_image: Callable[[Any], Image.Image] = load_image,
         seed: int = 0,
         label: str = "image",
+        labels: Sequence[int] | None = None,
     ):
         self.images, self.transform, self.read_image = images, transform, read_image
         self.seed, self.label, self.epoch = seed, label, 0
+        self.labels = list(labels) if labels is not None else [0] * len(images)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(self.labels)} labels for {len(images)} images")
         self._unreadable = torch.zeros(len(images), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -71,11 +77,20 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(image, rng)
         raise ValueError(f"None of the {len(self)} images of this dataset can be read")
 
+    def fixed_view(self) -> "ImageDataset":
+        """The same items with one fixed image each, for caching their latents: the transform's `fixed()` (no flip;
+        a centre crop, or the multi-scale crop drawn at epoch 0) and the epoch left at 0."""
+        return ImageDataset(self.images, self.transform.fixed(), self.read_image, self.seed, self.label, self.labels)
+
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """(name, reason) of the items found unreadable here or in any DataLoader worker."""
         reason = "unreadable when loaded (see the warning logged then)"
         return [(self._name(i), reason) for i in self._unreadable.nonzero().flatten().tolist()]
+
+    def name(self, index: int) -> str:
+        """The item in words: its path, or `label[index]`."""
+        return self._name(index)
 
     def _name(self, index: int) -> str:
         image = self.images[index]
@@ -162,6 +177,10 @@ class DataSplits:
         credits (`str`, *optional*): attribution the data's licences require, in Markdown.
         rejected (`list[tuple[str, str]]`): (path, reason) of the files the up-front check found unreadable.
             `skipped` adds those found later, in DataLoader workers included.
+        class_names (`list[str]`): the classes `load_data(..., class_labels=True)` found (a folder's subfolders, a
+            dataset's label column, the embedded photos' names), indexed by the items' labels (`train.labels`,
+            `test.labels`); empty when there are none: one class, unconditional, every label 0.
+        validation_labels (`list[int]`): the class of each row of `validation` (all 0 without classes).
     """
 
     train: ImageDataset | StreamingImageDataset
@@ -172,6 +191,12 @@ class DataSplits:
     dataset_ids: list[str] = field(default_factory=list)
     credits: str | None = None
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    validation_labels: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.validation_labels:
+            self.validation_labels = [0] * len(self.validation)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:

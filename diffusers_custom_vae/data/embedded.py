@@ -46,13 +46,17 @@ EMBEDDED_PHOTOS_CREDITS = "\n".join(
 )
 
 
-def embedded_splits(options: ImageOptions) -> DataSplits:
-    """Train, validation and test splits of the embedded photos (see the module docstring)."""
+def embedded_splits(options: ImageOptions, class_labels: bool = False) -> DataSplits:
+    """Train, validation and test splits of the embedded photos (see the module docstring); with `class_labels`,
+    each training photo is its own class, named after it ("astronaut", "coffee", ...)."""
     if options.center_crop:
         raise ValueError("center_crop applies to a folder or a dataset; the embedded photos use random crops")
     train_photos, test_photos = embedded_photos()
     train, validation, test = photo_splits(train_photos, test_photos, options)
     names = ", ".join(name for _, name, _ in EMBEDDED_TEST_PHOTOS)
+    class_names = [name.removesuffix(".jpg") for _, name, _ in EMBEDDED_TRAIN_PHOTOS] if class_labels else []
+    if not class_labels:
+        train.labels = [0] * len(train)
     return DataSplits(
         train,
         validation,
@@ -63,6 +67,8 @@ def embedded_splits(options: ImageOptions) -> DataSplits:
         ),
         test_description=f"{len(test_photos)} whole photos held out from the embedded data ({names})",
         credits=EMBEDDED_PHOTOS_CREDITS,
+        class_names=class_names,
+        validation_labels=photo_validation_labels(len(train_photos), options) if class_labels else [],
     )
 
 
@@ -115,11 +121,22 @@ def photo_splits(
         Image.fromarray,
         options.seed,
         "crop",
+        labels=list(range(len(regions))) * CROPS_PER_PHOTO,  # each crop's photo
     )
-    counts = [len(range(p, options.num_validation_images, len(strips))) for p in range(len(strips))]
+    counts = _validation_counts(len(strips), options)
     crops = [
         crop for strip, count in zip(strips, counts) for crop in validation_crops(strip, count, options.resolution)
     ]
     validation = torch.stack([options.validation_transform(Image.fromarray(crop), None) for crop in crops])
     test = ImageDataset(list(test_photos), options.test_transform, Image.fromarray, label="test photo")
     return train, validation, test
+
+
+def _validation_counts(num_photos: int, options: ImageOptions) -> list[int]:
+    """How many validation crops each photo gives: the photos are taken in turn."""
+    return [len(range(p, options.num_validation_images, num_photos)) for p in range(num_photos)]
+
+
+def photo_validation_labels(num_photos: int, options: ImageOptions) -> list[int]:
+    """The photo (class) of each row of `photo_splits`' validation batch."""
+    return [photo for photo, count in enumerate(_validation_counts(num_photos, options)) for _ in range(count)]

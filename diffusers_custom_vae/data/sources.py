@@ -30,9 +30,11 @@ HELD_OUT_FRACTION = 0.05
 MAX_HELD_OUT_IMAGES = 200
 
 
-def folder_splits(folder: str | os.PathLike, options: ImageOptions) -> DataSplits:
-    """Train, validation and test splits of a folder of images, searched recursively (see `find_images`)."""
+def folder_splits(folder: str | os.PathLike, options: ImageOptions, class_labels: bool = False) -> DataSplits:
+    """Train, validation and test splits of a folder of images, searched recursively (see `find_images`); with
+    `class_labels`, its top-level subfolders are the classes (see `folder_classes`)."""
     paths, rejected = find_images(folder)
+    class_names, class_of = folder_classes(folder, paths, rejected) if class_labels else ([], lambda path: 0)
     by_name = {path.relative_to(folder).as_posix(): path for path in paths}
     held_out = [by_name[name] for name in hold_out(list(by_name))]
     train = sorted(set(paths) - set(held_out))
@@ -42,14 +44,47 @@ def folder_splits(folder: str | os.PathLike, options: ImageOptions) -> DataSplit
         logger.warning(f"Image folder {os.fspath(folder)!r} holds one image: it is also the validation and test data")
         held_out, test_description = train, f"the only image of the folder `{name}`, also trained on"
     description = f"{len(train)} images from the folder `{name}`"
+    if class_names:
+        description += f" in {len(class_names)} classes (its subfolders)"
+    held_out_labels = [class_of(path) for path in held_out]
+    validation = validation_batch(ImageDataset(held_out, options.validation_transform), options)
     return DataSplits(
-        train=ImageDataset(train, options.train_transform, seed=options.seed),
-        validation=validation_batch(ImageDataset(held_out, options.validation_transform), options),
-        test=ImageDataset(held_out, options.test_transform),
+        train=ImageDataset(train, options.train_transform, seed=options.seed, labels=[class_of(p) for p in train]),
+        validation=validation,
+        test=ImageDataset(held_out, options.test_transform, labels=held_out_labels),
         description=description + (f" ({len(rejected)} unreadable files skipped)." if rejected else "."),
         test_description=test_description,
         rejected=rejected,
+        class_names=class_names,
+        validation_labels=held_out_labels[: len(validation)] if class_names else [],
     )
+
+
+def folder_classes(folder: str | os.PathLike, paths: Sequence[Path], rejected: Sequence[tuple[str, str]]):
+    """(class names, path -> class index) of a folder whose top-level subfolders (not hidden) are the classes,
+    sorted by name; ([], all 0) when it has none. Raises `ValueError` naming a class folder that holds no readable
+    image, or an image outside every class folder."""
+    folder = Path(folder)
+    class_names = sorted(
+        entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not class_names:
+        return [], lambda path: 0
+    index = {name: i for i, name in enumerate(class_names)}
+    counts = dict.fromkeys(class_names, 0)
+    for path in paths:
+        parts = path.relative_to(folder).parts
+        if len(parts) == 1:
+            raise ValueError(
+                f"Image {os.fspath(path)!r} is not in a class folder: the classes of {os.fspath(folder)!r} are its "
+                f"subfolders ({', '.join(class_names)}), so every image must be in one"
+            )
+        counts[parts[0]] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        unreadable = f" ({len(rejected)} unreadable files were skipped)" if rejected else ""
+        raise ValueError(f"Class folder {os.fspath(folder / empty[0])!r} holds no readable images{unreadable}")
+    return class_names, lambda path: index[path.relative_to(folder).parts[0]]
 
 
 def find_images(folder: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -134,17 +169,29 @@ def validation_batch(held_out: ImageDataset, options: ImageOptions) -> torch.Ten
 
 
 def dataset_splits(
-    name: str, config_name: str | None, column: str, streaming: bool, cache_dir, options: ImageOptions
+    name: str,
+    config_name: str | None,
+    column: str,
+    streaming: bool,
+    cache_dir,
+    options: ImageOptions,
+    label_column: str | None = None,
 ) -> DataSplits:
     """Train, validation and test splits of a Hugging Face dataset: a Hub name, a folder `datasets.load_dataset`
-    reads, or a folder written by `save_to_disk`; streamed or not. See the module docstring for the held-out rows."""
+    reads, or a folder written by `save_to_disk`; streamed or not. See the module docstring for the held-out rows.
+    With `label_column`, its classes (see `dataset_classes`)."""
+    if label_column is not None and streaming:
+        raise ValueError("label_column needs a dataset that is not streamed (its classes are read up front)")
     splits = _load_dataset(name, config_name, cache_dir, streaming)
     train_key = "train" if "train" in splits or len(splits) > 1 else next(iter(splits))
     if train_key not in splits:
         raise ValueError(f"Dataset {name!r} has no 'train' split; its splits are {', '.join(splits)}")
     test_key = next((key for key in ("test", "validation") if key in splits and key != train_key), None)
-    train = _image_rows(splits[train_key], column, f"{name!r} (split {train_key!r})")
-    held_out = _image_rows(splits[test_key], column, f"{name!r} (split {test_key!r})") if test_key else None
+    train = _image_rows(splits[train_key], column, f"{name!r} (split {train_key!r})", label_column)
+    held_out = (
+        _image_rows(splits[test_key], column, f"{name!r} (split {test_key!r})", label_column) if test_key else None
+    )
+    class_names, class_of = dataset_classes(train, held_out, label_column) if label_column else ([], None)
 
     if streaming and held_out is None:
         # By content: skip/take would hand held-out rows to training once DataLoader workers split the shards.
@@ -165,10 +212,15 @@ def dataset_splits(
 
     read = functools.partial(read_row, column=column)
     train_label, held_out_label = f"{name}[{train_key}]", f"{name}[{test_key or train_key}]"
+    train_labels, held_out_labels = (
+        ([class_of[value] for value in rows[label_column]] for rows in (train, held_out))
+        if class_names
+        else (None, None)
+    )
     if streaming:
         train = StreamingImageDataset(train, column, options.train_transform, options.seed, label=train_label)
     else:
-        train = ImageDataset(train, options.train_transform, read, options.seed, label=train_label)
+        train = ImageDataset(train, options.train_transform, read, options.seed, train_label, train_labels)
     validation = validation_batch(
         ImageDataset(held_out, options.validation_transform, read, label=held_out_label), options
     )
@@ -177,11 +229,29 @@ def dataset_splits(
     return DataSplits(
         train=train,
         validation=validation,
-        test=ImageDataset(held_out, options.test_transform, read, label=held_out_label),
-        description=f"The {train_key!r} split of the Hugging Face dataset {dataset}, column {column!r}.",
+        test=ImageDataset(held_out, options.test_transform, read, label=held_out_label, labels=held_out_labels),
+        description=f"The {train_key!r} split of the Hugging Face dataset {dataset}, column {column!r}"
+        + (f", {len(class_names)} classes from column {label_column!r}." if class_names else "."),
         test_description=f"{len(held_out)} whole images of {held_out_from} of {dataset}",
         dataset_ids=[] if Path(name).exists() else [name],
+        class_names=class_names,
+        validation_labels=held_out_labels[: len(validation)] if class_names else [],
     )
+
+
+def dataset_classes(train, held_out, label_column: str) -> tuple[list[str], dict]:
+    """(class names, {label value: class index}) of a dataset's label column: a `ClassLabel`'s names (its values
+    are their indices), else the sorted distinct values of both splits, as strings."""
+    import datasets
+
+    feature = train.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names), {i: i for i in range(len(feature.names))}
+    values = sorted({*train.unique(label_column), *(held_out.unique(label_column) if held_out is not None else [])})
+    if any(value is None for value in values):
+        raise ValueError(f"Label column {label_column!r} has rows without a label")
+    values = sorted(values, key=str)
+    return [str(value) for value in values], {value: i for i, value in enumerate(values)}
 
 
 def _load_dataset(name: str, config_name: str | None, cache_dir, streaming: bool) -> dict:
@@ -199,14 +269,18 @@ def _load_dataset(name: str, config_name: str | None, cache_dir, streaming: bool
     return splits
 
 
-def _image_rows(split, column: str, name: str):
-    """The split with only `column`, its images left encoded (`datasets.Image(decode=False)`) for `read_row`."""
+def _image_rows(split, column: str, name: str, label_column: str | None = None):
+    """The split with only `column` (and `label_column`), its images left encoded (`datasets.Image(decode=False)`)
+    for `read_row`."""
     import datasets
 
     columns = split.column_names or list(next(iter(split)))  # a stream may not know its columns before reading
     if column not in columns:
         raise ValueError(f"Dataset {name} has no image column {column!r}; its columns are {', '.join(columns)}")
-    return split.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    if label_column is not None and label_column not in columns:
+        raise ValueError(f"Dataset {name} has no label column {label_column!r}; its columns are {', '.join(columns)}")
+    kept = [column] if label_column is None else [column, label_column]
+    return split.select_columns(kept).cast_column(column, datasets.Image(decode=False))
 
 
 def _row_hash(row: dict, column: str) -> float:

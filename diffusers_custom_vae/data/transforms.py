@@ -95,6 +95,10 @@ class ResizeCrop:
         image = image.resize((width, height), Image.Resampling.LANCZOS, box=box)
         return pil_to_tensor(_maybe_flip(image, self.random_flip, rng))
 
+    def fixed(self) -> "ResizeCrop":
+        """The same size, one image per input: a centre crop, no flip (as DiT caches its data)."""
+        return ResizeCrop(self.resolution, center_crop=True)
+
 
 @dataclass(frozen=True)
 class MultiScaleCrop:
@@ -114,6 +118,10 @@ class MultiScaleCrop:
         image = image.crop((left, top, left + crop_width, top + crop_height))
         image = image.resize((width, height), Image.Resampling.LANCZOS)
         return pil_to_tensor(_maybe_flip(image, self.random_flip, rng))
+
+    def fixed(self) -> "MultiScaleCrop":
+        """No flip; with the dataset's epoch left at 0 each index keeps one crop: a fixed set of crops."""
+        return MultiScaleCrop(self.resolution)
 
 
 @dataclass(frozen=True)
