@@ -68,10 +68,11 @@ class LatentDiffusionObjective(Objective):
 
     def load_data(self, accelerator):
         config = self.config
-        splits = load_data(**config.arguments_for(load_data) | {"random_flip": False}, downsample_factor=self.factor)
+        arguments = config.arguments_for(load_data) | {"random_flip": False}  # the cache encodes the flips
+        splits = load_data(**arguments, downsample_factor=self.factor, class_labels=True)
         if len(splits.class_names) > NULL_LABEL:
             raise ValueError(f"The data has {len(splits.class_names)} classes; a DiTPipeline holds at most 1000.")
-        self.class_names = splits.class_names or ["image"]  # no classes: one, unconditional
+        self.class_names = splits.class_names or ["image"]  # no classes: one (every label 0), unconditional
         from ..latent_cache import cache_latents  # ldm-data's module (issue 16's interface); here when merged
 
         self.vae.to(accelerator.device)
@@ -107,7 +108,7 @@ class LatentDiffusionObjective(Objective):
         generator = torch.Generator().manual_seed(self.config.seed)
         count = len(images) * VALIDATION_TIMESTEPS
         latents = posterior.mean.float().cpu().repeat(VALIDATION_TIMESTEPS, 1, 1, 1) * self.scaling_factor
-        labels = torch.as_tensor(splits.validation_labels).clamp(min=0).repeat(VALIDATION_TIMESTEPS)
+        labels = torch.as_tensor(splits.validation_labels).repeat(VALIDATION_TIMESTEPS)
         return {
             "latents": latents,
             "labels": labels,
@@ -116,7 +117,7 @@ class LatentDiffusionObjective(Objective):
         }
 
     def loss(self, module, batch, step):
-        mean, std, labels = batch["mean"], batch["std"], batch["label"].clamp(min=0)
+        mean, std, labels = batch["mean"], batch["std"], batch["label"]
         latents = (mean + std * torch.randn_like(std)) * self.scaling_factor  # the global RNG: checkpointed
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, len(self.noise_scheduler.timesteps), (len(latents),), device=latents.device)
