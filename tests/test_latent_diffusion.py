@@ -1,6 +1,7 @@
 """Latent diffusion (`examples/train_latent_diffusion.py`): a DiT trained on a VAE's latents, exported as a stock
 `DiTPipeline`; `examples/generate.py` samples it by class name."""
 
+import importlib.util
 import json
 import os
 import re
@@ -30,11 +31,6 @@ from diffusers_custom_vae.training import (
     latent_diffusion,
 )
 
-# Until ldm-data's latent cache is merged (issue 16's interface), the runs below cannot run.
-needs_cache = pytest.mark.skipif(
-    importlib.util.find_spec("diffusers_custom_vae.latent_cache") is None,
-    reason="no diffusers_custom_vae.latent_cache",
-)
 CLASSES = {"blue": (40, 60, 200), "red": (200, 40, 40)}
 TINY_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8)
 
