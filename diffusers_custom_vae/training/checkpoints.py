@@ -26,8 +26,9 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # the trainer's own names; a user's "checkpoint-2-old" is not one
-PARTIAL_NAME = re.compile(r"checkpoint-(\d+)\.partial")
+# The trainer's own names: a user's "checkpoint-2-old" or "checkpoint-002" is not one (no leading zeros).
+CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)")
+PARTIAL_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)\.partial")
 STATE_FILE = "trainer_state.json"
 
 
@@ -61,6 +62,37 @@ def read_state(folder: Path) -> dict:
         raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error}).") from error
 
 
+def run_ids(output_dir: str | os.PathLike) -> set[str]:
+    """The runs whose checkpoints `output_dir` holds (those whose state reads)."""
+    ids = set()
+    for step in checkpoint_steps(output_dir):
+        try:
+            ids.add(read_state(Path(output_dir) / f"checkpoint-{step}")["run_id"])
+        except CheckpointError:
+            continue
+    return ids
+
+
+def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
+    """Raises `CheckpointError` naming each of `current`'s values that differs from the checkpoint's `recorded` one
+    (`kind`: what they are, e.g. "settings")."""
+    changed = [
+        f"{name} {current[name]!r} (the checkpoint's: {recorded[name]!r})"
+        for name in recorded
+        if name in current and _plain(recorded[name]) != _plain(current[name])
+    ]
+    if changed:
+        raise CheckpointError(
+            f"The {kind} differ from those {folder} was trained with: {'; '.join(changed)}. Resume with the "
+            "checkpoint's, or start a new run (another --output_dir) to change them."
+        )
+
+
+def _plain(value):
+    """JSON's view of a value: tuples and lists compare equal, as a record read back has only lists."""
+    return json.loads(json.dumps(value))
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The most recently written checkpoint in `output_dir`, by the time it records (not its step: an earlier,
     longer run's checkpoint-100 is not this run's latest). A folder whose state cannot be read counts by its
@@ -76,15 +108,17 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(folders, key=written_at, default=None)
 
 
-def other_runs_checkpoints(output_dir: str | os.PathLike, run_id: str) -> list[str]:
-    """Names of the checkpoint folders in `output_dir` that another run wrote (or whose state cannot be read)."""
+def other_runs_checkpoints(output_dir: str | os.PathLike, run_id: str, readable_only: bool = False) -> list[str]:
+    """Names of the checkpoint folders in `output_dir` that another run wrote (and, unless `readable_only`, those
+    whose state cannot be read)."""
     others = []
     for step in checkpoint_steps(output_dir):
         try:
             if read_state(Path(output_dir) / f"checkpoint-{step}")["run_id"] == run_id:
                 continue
         except CheckpointError:
-            pass
+            if readable_only:
+                continue
         others.append(f"checkpoint-{step}")
     return others
 
@@ -106,6 +140,17 @@ class Checkpoints:
             run_id,
             total_limit,
         )
+
+    def refuse_others_in_the_way(self, first_step: int, last_step: int):
+        """Refuses, before training, a run whose steps after `first_step` up to `last_step` could save a checkpoint
+        over another run's (a stop saves at any step): another run's checkpoints are never replaced."""
+        others = other_runs_checkpoints(self.output_dir, self.run_id, readable_only=True)
+        in_the_way = [name for name in others if first_step < int(CHECKPOINT_NAME.fullmatch(name)[1]) <= last_step]
+        if in_the_way:
+            raise CheckpointError(
+                f"--output_dir {self.output_dir} holds another run's {', '.join(in_the_way[:4])}, which this run "
+                f"(steps {first_step + 1} to {last_step}) could replace: choose another --output_dir, or move them."
+            )
 
     def save(self, step: int, modules: dict, states: dict, trainer_state: dict):
         """Writes checkpoint-{step}: into `checkpoint-{step}.partial`, renamed when complete (a process killed while
@@ -134,7 +179,9 @@ class Checkpoints:
         torch.save(_rng_state(), partial / f"rng_state_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.is_dir():  # this run's own, from before a resume at an earlier step: replaced
+            if final.is_dir():  # this run's own, from before a resume at an earlier step, or a damaged one: replaced
+                if final.name in other_runs_checkpoints(self.output_dir, self.run_id, readable_only=True):
+                    raise CheckpointError(f"{final} belongs to another run: it is never replaced.")
                 shutil.rmtree(final)
             os.replace(partial, final)  # a kill before this line leaves only a .partial folder, never a broken latest
             self._prune(keep=final)
@@ -193,12 +240,14 @@ class Checkpoints:
 
 
 def is_intact(folder: Path) -> bool:
-    """Whether every file of the checkpoint reads back (safetensors, tensors, JSON)."""
+    """Whether every file of the checkpoint reads back (safetensors, tensors, JSON) and its weights are finite."""
     try:
         read_state(folder)
         for path in folder.iterdir():
             if path.suffix == ".safetensors":
-                safetensors.torch.load_file(path)
+                weights = safetensors.torch.load_file(path).values()
+                if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
+                    return False
             elif path.suffix == ".pt":
                 _load_tensors(path)
     except Exception:  # any failure to read means "not intact"

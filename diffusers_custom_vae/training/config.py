@@ -23,6 +23,17 @@ MINIMUMS = {
 }
 
 
+# Settings a resumed run may change: where and how long it runs, how often it saves, logs or validates, and how it is
+# computed (memory, workers, precision); paths of a model or teacher whose weights or identity a checkpoint checks
+# itself. Every other setting shapes what is learned, and a checkpoint records it (`TrainConfig.shaping_settings`).
+RUN_CONTROLS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "report_to", "push_to_hub", "hub_model_id",
+    "dataloader_num_workers", "cache_dir", "mixed_precision", "gradient_checkpointing", "model_config",
+    "pretrained_model_name_or_path", "teacher_vae", "teacher_vae_subfolder", "guidance_scale", "num_inference_steps",
+}  # fmt: skip
+
+
 def _flag(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -121,6 +132,11 @@ class RunConfig:
         the flag to the function (`load_data`, `VAELoss`)."""
         names = inspect.signature(function).parameters.keys() & {f.name for f in dataclasses.fields(self)}
         return {name: getattr(self, name) for name in names}
+
+    def shaping_settings(self) -> dict:
+        """The settings that shape what is learned (all but `RUN_CONTROLS`): a checkpoint records them, and a resume
+        that changes one is refused."""
+        return {name: value for name, value in self.to_json_dict().items() if name not in RUN_CONTROLS}
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,7 +28,7 @@ from ..loading import load_vae
 from ..modeling_custom_vae import downsample_factor_of
 from ..pipelines import save_pipeline
 from .config import LatentDiffusionConfig
-from .objectives import Objective
+from .objectives import Objective, png_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +165,16 @@ class LatentDiffusionObjective(Objective):
     def validate(self, model, batch):
         return {"held_out_loss": self.held_out_loss(model, batch)}, {"samples": self.samples(model)}
 
-    def save(self, model, data, output_dir, training):
+    def save(self, model, data, written, training):
         """A DiTPipeline folder (`save_pipeline`: it also loads where the package is not installed, with
         `trust_remote_code=True`), `id2label` in model_index.json; samples.png and the model card."""
-        save_pipeline(self.pipeline(model), output_dir)
-        index_file = Path(output_dir) / "model_index.json"
-        index = json.loads(index_file.read_text())
+        written.save_with(lambda folder: save_pipeline(self.pipeline(model), folder))
+        index = json.loads((written.folder / "model_index.json").read_text())
         index["id2label"] = {str(label): name for label, name in enumerate(self.class_names)}
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.write("model_index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         metrics = {"held_out_loss": self.held_out_loss(model, data.validation), "latent_std": self.latent_std}
-        image_grid(self.samples(model)).save(Path(output_dir) / "samples.png")
-        self.model_card(model, metrics, data, training).save(Path(output_dir) / "README.md")
+        written.write("samples.png", png_bytes(image_grid(self.samples(model))))
+        written.write("README.md", str(self.model_card(model, metrics, data, training)).encode())
         return metrics
 
     def model_card(self, model, metrics: dict, data, training: str) -> ModelCard:

@@ -3,12 +3,14 @@
 computes, how validation looks and what the output folder holds. `VAEObjective` learns a VAE from images."""
 
 import inspect
+import io
 import json
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
+from PIL import Image
 from torch import nn
 
 from ..data import load_data
@@ -40,8 +42,9 @@ class Objective:
       include the helpers' losses (each touching only its own parameters), so one backward serves all; `terms` are
       detached tensors to log.
     - `validate(model, batch) -> (scores, grids)`: floats to log, and {name: image rows} to show.
-    - `save(model, data, output_dir, training) -> metrics`: the output folder's model, grid and model card (whose
-      training paragraph is `training`, which ends with `description`); returns the held-out metrics.
+    - `save(model, data, written, training) -> metrics`: the output folder's model, grid and model card (whose
+      training paragraph is `training`, which ends with `description`), each written through `written`
+      (`export.WrittenFiles`, whose record is what a push uploads); returns the held-out metrics.
     - `checkpoint_facts()`: JSON facts each checkpoint records (the trainer refuses to resume a checkpoint whose
       "objective" differs, naming its "resume_with"); `check_resume(facts, folder)` may refuse more.
     """
@@ -65,7 +68,7 @@ class Objective:
     def validate(self, model: nn.Module, batch) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
         raise NotImplementedError
 
-    def save(self, model: nn.Module, data, output_dir: Path, training: str) -> dict[str, float]:
+    def save(self, model: nn.Module, data, written, training: str) -> dict[str, float]:
         raise NotImplementedError
 
     @property
@@ -122,12 +125,12 @@ class VAEObjective(Objective):
         scores = {"psnr": psnr(reconstruction, images).item(), "ssim": ssim(reconstruction, images).item()}
         return scores, {"reconstructions": [images, reconstruction]}
 
-    def save(self, model, data, output_dir, training):
+    def save(self, model, data, written, training):
         self.finish(model, data)  # e.g. the scaling factor, before the config is saved
-        model.save_pretrained(output_dir)  # first: whatever fails later, the trained model is safe
+        written.save_model(model)  # first: whatever fails later, the trained model is safe
         metrics = self.evaluate(model, data)
         grid_images = common_crop(data.test, multiple=downsample_factor_of(model))
-        self.comparison_grid(model, grid_images).save(output_dir / "reconstructions.png")
+        written.write("reconstructions.png", png_bytes(self.comparison_grid(model, grid_images)))
         card = render_model_card(
             model,
             repo_id=self.config.hub_model_id,
@@ -140,7 +143,7 @@ class VAEObjective(Objective):
             training=training,
             credits=data.credits,
         )
-        card.save(output_dir / "README.md")
+        written.write("README.md", str(card).encode())
         return metrics
 
     def finish(self, model, data):
@@ -182,6 +185,12 @@ class WithPosterior(nn.Module):
         posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample() if sample_posterior else posterior.mode()
         return CustomVAEOutput(sample=self.vae.decode(latents).sample, latent_dist=posterior)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def other_terms(config: TrainConfig) -> str:

@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..images import image_grid
-from .checkpoints import Checkpoints, latest_checkpoint, other_runs_checkpoints
+from .checkpoints import Checkpoints, is_intact, latest_checkpoint, other_runs_checkpoints, refuse_changes
 from .config import RunConfig
 from .export import check_output_dir, write_output_folder
 from .objectives import Objective
@@ -66,6 +66,7 @@ class Trainer:
         self.state = TrainingState()
         self.non_finite = torch.zeros((), device=accelerator.device)  # non-finite losses since the last update
         self.checkpoints = Checkpoints(accelerator, self.output_dir, self._resume(), config.checkpoints_total_limit)
+        self.checkpoints.refuse_others_in_the_way(self.state.step, self.max_steps)  # before anything is written
         if accelerator.is_main_process:
             loggable = {k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("train_vae", config=loggable)
@@ -151,14 +152,21 @@ class Trainer:
         return trainer_state["run_id"]
 
     def _check_resume(self, facts: dict, folder: Path):
-        """A checkpoint resumes only with the objective that wrote it, which may refuse it too (another teacher)."""
+        """A checkpoint resumes only with the objective that wrote it, which may refuse it too (another teacher), and
+        with the model config and settings it records (a change is refused, naming it)."""
         ours = self.objective.checkpoint_facts()["objective"]
         if facts.get("objective", ours) != ours:
             raise ValueError(f"{folder} is a {facts['objective']}: resume it with {facts['resume_with']}.")
         self.objective.check_resume(facts, folder)
+        refuse_changes("model config", facts.get("model_config", {}), self._model_config(), folder)
+        refuse_changes("settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
+
+    def _model_config(self) -> dict:
+        return {name: value for name, value in self.model.config.items() if not name.startswith("_")}
 
     def save_checkpoint(self):
         facts = self.state.state_dict() | self.objective.checkpoint_facts()
+        facts |= {"model_config": self._model_config(), "settings": self.config.shaping_settings()}
         self.checkpoints.save(self.state.step, self.checkpointed_modules, self.checkpointed_states, facts)
 
     def _max_steps(self) -> int:
@@ -182,7 +190,7 @@ class Trainer:
             total=self.max_steps, initial=state.step, desc="train", disable=not self.accelerator.is_local_main_process
         )
         self.first_step, self.step_seconds = state.step, 0.0  # time in steps only: validation and checkpoints excluded
-        with StopRequest() as stop:
+        with StopRequest(announce=self.accelerator.is_local_main_process) as stop:
             while state.step < self.max_steps:
                 tick = time.perf_counter()
                 for batch in self._epoch_batches():
@@ -239,6 +247,7 @@ class Trainer:
             if not accelerator.sync_gradients:
                 return None
             terms["grad_norm"] = accelerator.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+            self.non_finite += (~torch.isfinite(terms["grad_norm"].detach())).float()  # NaN gradients, finite loss
             report = self._agree(loss, terms, stop.requested)  # read now: a request made during this step counts
             if report.pop("non_finite"):
                 raise FloatingPointError(self._non_finite_message(report))
@@ -259,11 +268,12 @@ class Trainer:
 
     def _non_finite_message(self, report: dict) -> str:
         last = latest_checkpoint(self.output_dir)
-        intact = f"{last} is intact" if last else "no checkpoint was written yet"
+        intact = f"{last} is intact" if last and is_intact(last) else "no intact checkpoint was written yet"
         values = ", ".join(f"{name}={value:.4g}" for name, value in report.items() if name != "stop")
         return (
-            f"The loss is not finite at step {self.state.step + 1} ({values}). Nothing was saved from this step; "
-            f"{intact}. Try a lower --learning_rate, --mixed_precision no, or a smaller --max_grad_norm."
+            f"The loss or its gradients are not finite at step {self.state.step + 1} ({values}). Nothing was saved "
+            f"from this step; {intact}. Try a lower --learning_rate, --mixed_precision no, or a smaller "
+            "--max_grad_norm."
         )
 
     def _log(self, report: dict, seconds: float, progress: tqdm):
@@ -337,20 +347,27 @@ class TrainingState:
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption): the trainer finishes the step, saves a checkpoint and
     stops; every process learns of a request through the step's all-reduce, so they save the same step. A second
-    Ctrl-C stops at once."""
+    Ctrl-C stops at once. Ctrl-C reaches every process of the terminal: the request is announced once (`announce`:
+    by the local main process), and DataLoader workers, which inherit the handler, ignore it."""
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
 
     def __enter__(self):
-        self.requested, self._previous = False, {}
+        self.requested, self._previous, self._pid = False, {}, os.getpid()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._request)
         return self
 
     def _request(self, signum, frame):
+        if os.getpid() != self._pid:  # a DataLoader worker: its process stops with the loader
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested and self.announce:
+            tqdm.write("Stopping after this step to save a checkpoint (Ctrl-C again to stop at once).")
         self.requested = True
-        tqdm.write("Stopping after this step to save a checkpoint (Ctrl-C again to stop at once).")
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
