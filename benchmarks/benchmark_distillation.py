@@ -36,7 +36,7 @@ from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop
 from diffusers_custom_vae.images import image_grid
 from diffusers_custom_vae.loading import load_vae
-from diffusers_custom_vae.training import TrainConfig, train
+from diffusers_custom_vae.training import DistillationObjective, TrainConfig, VAEObjective, train
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
@@ -193,7 +193,10 @@ def decodes_grid(teacher, students: dict, images: torch.Tensor):
 def run(configs: dict[str, TrainConfig], teacher_folder: str, plan: Plan, device: str, image: Path) -> dict:
     """Trains, then measures; results as `targets` and `report` read them."""
     load = {"before": os.getloadavg()[0]}
-    trained = {name: train(config) for name, config in configs.items()}
+    trained = {
+        name: train(config, DistillationObjective if config.teacher_vae else VAEObjective)
+        for name, config in configs.items()
+    }
     load["after the trainings"] = os.getloadavg()[0]
     students = [name for name in configs if name != "teacher"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop, comparison_grid
 from diffusers_custom_vae.loading import load_vae
-from diffusers_custom_vae.training import TrainConfig, train
+from diffusers_custom_vae.training import TrainConfig, VAEObjective, train
 
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
 from .report import Target, json_object, machine_description, publish
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             configs = train_configs(fields, Path(workdir))
         except ValueError as error:  # TrainConfig's own checks of the values
             parser.error(f"--train_config: {error}")
-        results = {name: train(config) for name, config in configs.items()}
+        results = {name: train(config, VAEObjective) for name, config in configs.items()}
         vaes = [load_vae(config.output_dir).eval() for config in configs.values()]
         comparison_grid(vaes, common_crop(load_data().test)).save(args.image)
     image = os.path.relpath(args.image, args.output.parent)  # as the markdown file links it

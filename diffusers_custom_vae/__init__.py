@@ -5,6 +5,7 @@ Training lives in `diffusers_custom_vae.training` (not imported here: it pulls i
 """
 
 from .conversion import convert_tutorial_checkpoint
+from .generation import generate, load_dit_pipeline
 from .hub import push_pipeline_to_hub  # importing hub also gives CustomVAE.push_to_hub the package's model card
 from .latent_spaces import LatentSpaceWarning, latent_space_of
 from .latents import estimate_scaling_factor
@@ -19,7 +20,9 @@ __all__ = [
     "LivePreviews",
     "convert_tutorial_checkpoint",
     "estimate_scaling_factor",
+    "generate",
     "latent_space_of",
+    "load_dit_pipeline",
     "push_pipeline_to_hub",
     "save_pipeline",
     "swap_vae",

@@ -6,7 +6,8 @@
     accelerate launch examples/train_vae.py --dataset_name some/dataset --image_column image ...
     accelerate launch examples/train_vae.py ... --resume_from_checkpoint latest
 
-The flags are the fields of `diffusers_custom_vae.training.TrainConfig`; `train(config)` is the whole job.
+The flags are the fields of `diffusers_custom_vae.training.TrainConfig`; `train(config, VAEObjective)` is the whole job
+(`DistillationObjective` with --teacher_vae).
 """
 
 import argparse
@@ -14,7 +15,7 @@ import argparse
 from transformers import HfArgumentParser
 
 from diffusers_custom_vae.cli import one_line_errors
-from diffusers_custom_vae.training import TrainConfig, train
+from diffusers_custom_vae.training import DistillationObjective, TrainConfig, VAEObjective, train
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -32,7 +33,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     with one_line_errors(PARSER):
-        return train(parse_config(argv))
+        config = parse_config(argv)
+        return train(config, DistillationObjective if config.teacher_vae else VAEObjective)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tiny_pipelines import TINY_AUTOENCODER_KL_CONFIG, TINY_VAE_8X, tiny_autoenc
 from diffusers_custom_vae import CustomVAE, LatentSpaceWarning, swap_vae
 from diffusers_custom_vae.latent_spaces import encoder_fingerprint, latent_space_of, shares_latent_space
 from diffusers_custom_vae.metrics import psnr
-from diffusers_custom_vae.training import TrainConfig, checkpoint_steps, train
+from diffusers_custom_vae.training import TrainConfig, VAEObjective, checkpoint_steps, train
 from diffusers_custom_vae.training.checkpoints import STATE_FILE
 from diffusers_custom_vae.training.distillation import DistillationObjective
 
@@ -56,7 +56,10 @@ def settings(workdir: Path, output_dir, **fields) -> TrainConfig:
 @pytest.fixture(scope="module")
 def teacher(workdir) -> Path:
     """An AutoencoderKL trained from scratch by the trainer (30 steps): a teacher with an unnamed latent space."""
-    train(settings(workdir, workdir / "teacher", model_config=str(workdir / "teacher.json"), max_train_steps=30))
+    train(
+        settings(workdir, workdir / "teacher", model_config=str(workdir / "teacher.json"), max_train_steps=30),
+        VAEObjective,
+    )
     return workdir / "teacher"
 
 
@@ -66,7 +69,7 @@ def distilled(workdir, teacher):
     config = settings(
         workdir, workdir / "student", teacher_vae=str(teacher), max_train_steps=60, teacher_decode_scale=1
     )
-    return SimpleNamespace(folder=workdir / "student", metrics=train(config))
+    return SimpleNamespace(folder=workdir / "student", metrics=train(config, DistillationObjective))
 
 
 def error_of(run_example, capsys, argv) -> str:
@@ -135,7 +138,10 @@ def test_a_pipeline_made_for_the_teacher_gives_close_images_with_the_student_and
 )
 def test_a_student_of_a_known_vae_names_its_space(workdir, tmp_path, teacher_vae, expected):
     teacher_vae.save_pretrained(tmp_path / "teacher")
-    train(settings(workdir, tmp_path / "student", teacher_vae=str(tmp_path / "teacher"), max_train_steps=1))
+    train(
+        settings(workdir, tmp_path / "student", teacher_vae=str(tmp_path / "teacher"), max_train_steps=1),
+        DistillationObjective,
+    )
     student = CustomVAE.from_pretrained(tmp_path / "student")
     assert (
         student.config.latent_space == expected and student.config.scaling_factor == teacher_vae.config.scaling_factor
@@ -150,7 +156,10 @@ def test_a_custom_vae_teacher_from_the_hub_cache_passes_on_its_name_and_shift(wo
     torch.manual_seed(1)
     CustomVAE(**STUDENT, scaling_factor=0.3, shift_factor=0.1, latent_space="dogs-v1").save_pretrained(tmp_path / "t")
     cache = make_hub_cache(tmp_path / "cache", tmp_path / "t", "user/dog-vae")
-    train(settings(workdir, tmp_path / "student", teacher_vae="user/dog-vae", cache_dir=str(cache), max_train_steps=1))
+    train(
+        settings(workdir, tmp_path / "student", teacher_vae="user/dog-vae", cache_dir=str(cache), max_train_steps=1),
+        DistillationObjective,
+    )
     config = CustomVAE.from_pretrained(tmp_path / "student").config
     assert (config.latent_space, config.scaling_factor, config.shift_factor) == ("dogs-v1", 0.3, 0.1)
 
@@ -160,7 +169,7 @@ def test_the_vae_inside_a_pipelines_folder_is_a_teacher_by_subfolder(workdir, tm
     tiny_pipeline().save_pretrained(tmp_path / "pipe")  # its VAE: a tiny AutoencoderKL with SD's scaling factor
     config = settings(workdir, tmp_path / "student", teacher_vae=str(tmp_path / "pipe"), max_train_steps=1)
     config.teacher_vae_subfolder = "vae"
-    train(config)
+    train(config, DistillationObjective)
     assert CustomVAE.from_pretrained(tmp_path / "student").config.latent_space == "stable-diffusion"
     assert f"Distilled from `{tmp_path / 'pipe'}/vae`" in (tmp_path / "student" / "README.md").read_text()
 

@@ -238,7 +238,7 @@ def folder_run(model_config, image_folder, tmp_path_factory):
         validation_steps=2,
         disc_scale=0.5,
     )
-    return SimpleNamespace(output_dir=output_dir, metrics=train(config))
+    return SimpleNamespace(output_dir=output_dir, metrics=train(config, VAEObjective))
 
 
 def test_the_output_folder_holds_a_loadable_model_metrics_grid_and_card(folder_run):

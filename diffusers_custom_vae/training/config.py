@@ -1,6 +1,8 @@
-"""`TrainConfig`: one training run. Its fields are the flags of `examples/train_vae.py` (named as diffusers' trainers
-name them where the meaning is the same) and the keyword arguments of the functions it feeds, so a setting keeps one
-name from the command line to the loss or the data loader (`arguments_for`)."""
+"""The settings of a training run: `RunConfig` holds what every run has (data, optimisation, checkpoints, output);
+`TrainConfig` adds a VAE's (the flags of `examples/train_vae.py`), `LatentDiffusionConfig` a latent diffusion model's
+(`examples/train_latent_diffusion.py`). Fields are named as diffusers' trainers name them where the meaning is the same
+and as the keyword arguments of the functions they feed, so a setting keeps one name from the command line to the loss
+or the data loader (`arguments_for`)."""
 
 import dataclasses
 import inspect
@@ -26,9 +28,9 @@ def _flag(default, help: str, **kwargs):
 
 
 @dataclass
-class TrainConfig:
-    """A training run. The defaults are the main job: the embedded photos, 64 px, 5 epochs (280 steps of 8 images,
-    about 4 minutes on a 2-core CPU); for your own data set at least `resolution`."""
+class RunConfig:
+    """What every training run has: data, optimisation, checkpoints, validation, logging and output. The defaults are
+    the main job's: the embedded photos at 64 px."""
 
     # Data (neither train_data_dir nor dataset_name: the photos embedded in scikit-image and scikit-learn)
     train_data_dir: str | None = _flag(None, "a folder of images, searched recursively")
@@ -44,39 +46,6 @@ class TrainConfig:
     center_crop: bool = _flag(False, "crop at the centre instead of at random")
     random_flip: bool = _flag(False, "flip images horizontally at random")
     dataloader_num_workers: int = _flag(0, "data-loading processes (0: load in the main process)")
-    # Model
-    model_config: str | None = _flag(
-        None,
-        "a JSON file of CustomVAE config arguments, or a preset: tutorial (the default), small (a fast "
-        'distillation student); with "_class_name": "AutoencoderKL", a diffusers AutoencoderKL',
-    )
-    pretrained_model_name_or_path: str | None = _flag(None, "continue from these weights (a folder or Hub id)")
-    train_decoder_only: bool = _flag(False, "freeze the encoder: the latent space stays the pretrained one")
-    # Distillation (with --teacher_vae, the model is a student that learns the teacher's latent space)
-    teacher_vae: str | None = _flag(
-        None,
-        "distil this VAE (a folder or Hub id; AutoencoderKL or CustomVAE) into the model: the student learns to "
-        "encode into and decode from the teacher's latent space, so pipelines made for the teacher can use it",
-    )
-    teacher_vae_subfolder: str | None = _flag(None, "the teacher's subfolder, e.g. vae for a pipeline's repo")
-    latent_scale: float = _flag(
-        1.0, "distillation: weight of the student's latent regression onto the teacher's (scaled as a UNet sees them)"
-    )
-    teacher_decode_scale: float = _flag(
-        0.0, "distillation: weight of an L1 term to the teacher's own decode of the same latents (0: images only)"
-    )
-    # Losses (the keyword arguments of `losses.VAELoss`)
-    rec_loss: str = _flag("l1", "reconstruction loss: l1 or l2")
-    ms_ssim_scale: float = _flag(0.0, "weight of the 1 - MS-SSIM term (0: off)")
-    kl_scale: float = _flag(
-        1e-6,
-        "weight of the KL term against the reconstruction summed over each image "
-        "(as in diffusers' trainer and latent diffusion; unused in distillation, where the teacher sets the space)",
-    )
-    kl_warmup_steps: int = _flag(0, "ramp the KL weight linearly from 0 over this many steps")
-    perceptual_scale: float = _flag(0.0, "weight of the LPIPS term (0: off; needs the lpips package and its weights)")
-    disc_scale: float = _flag(0.0, "weight of the PatchGAN hinge loss (0: off)")
-    disc_start: int = _flag(0, "step at which the adversarial loss starts")
     # Optimisation
     train_batch_size: int = _flag(8, "images per process per step")
     max_train_steps: int | None = _flag(None, "total optimiser steps (overrides --num_train_epochs)")
@@ -116,12 +85,10 @@ class TrainConfig:
         problems = []
         if self.train_data_dir and self.dataset_name:
             problems.append("give --train_data_dir or --dataset_name, not both")
-        if self.teacher_vae_subfolder and not self.teacher_vae:
-            problems.append("--teacher_vae_subfolder needs --teacher_vae")
         if self.streaming and not self.max_train_steps:
             problems.append("--streaming needs --max_train_steps (a stream has no length)")
         for name, lowest in MINIMUMS.items():
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             if value is not None and not value >= lowest:  # `not >=` also refuses NaN
                 problems.append(f"--{name} must be at least {lowest}, got {value}")
         for name in ("learning_rate", "max_grad_norm"):
@@ -132,14 +99,17 @@ class TrainConfig:
                 problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.ema_decay <= 1:
             problems.append(f"--ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.rec_loss not in ("l1", "l2"):
-            problems.append(f"--rec_loss must be l1 or l2, got {self.rec_loss!r}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        problems += self.problems()
         if problems:
             raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+
+    def problems(self) -> list[str]:
+        """What is wrong with the fields a subclass adds, one phrase each."""
+        return []
 
     @property
     def images_per_step(self) -> int:
@@ -154,3 +124,97 @@ class TrainConfig:
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A VAE's training run (`VAEObjective`, or `DistillationObjective` with `teacher_vae`). The defaults are the main
+    job: the embedded photos, 64 px, 5 epochs (280 steps of 8 images, about 4 minutes on a 2-core CPU); for your own
+    data set at least `resolution`."""
+
+    # Model
+    model_config: str | None = _flag(
+        None,
+        "a JSON file of CustomVAE config arguments, or a preset: tutorial (the default), small (a fast "
+        'distillation student); with "_class_name": "AutoencoderKL", a diffusers AutoencoderKL',
+    )
+    pretrained_model_name_or_path: str | None = _flag(None, "continue from these weights (a folder or Hub id)")
+    train_decoder_only: bool = _flag(False, "freeze the encoder: the latent space stays the pretrained one")
+    # Distillation (with --teacher_vae, the model is a student that learns the teacher's latent space)
+    teacher_vae: str | None = _flag(
+        None,
+        "distil this VAE (a folder or Hub id; AutoencoderKL or CustomVAE) into the model: the student learns to "
+        "encode into and decode from the teacher's latent space, so pipelines made for the teacher can use it",
+    )
+    teacher_vae_subfolder: str | None = _flag(None, "the teacher's subfolder, e.g. vae for a pipeline's repo")
+    latent_scale: float = _flag(
+        1.0, "distillation: weight of the student's latent regression onto the teacher's (scaled as a UNet sees them)"
+    )
+    teacher_decode_scale: float = _flag(
+        0.0, "distillation: weight of an L1 term to the teacher's own decode of the same latents (0: images only)"
+    )
+    # Losses (the keyword arguments of `losses.VAELoss`)
+    rec_loss: str = _flag("l1", "reconstruction loss: l1 or l2")
+    ms_ssim_scale: float = _flag(0.0, "weight of the 1 - MS-SSIM term (0: off)")
+    kl_scale: float = _flag(
+        1e-6,
+        "weight of the KL term against the reconstruction summed over each image "
+        "(as in diffusers' trainer and latent diffusion; unused in distillation, where the teacher sets the space)",
+    )
+    kl_warmup_steps: int = _flag(0, "ramp the KL weight linearly from 0 over this many steps")
+    perceptual_scale: float = _flag(0.0, "weight of the LPIPS term (0: off; needs the lpips package and its weights)")
+    disc_scale: float = _flag(0.0, "weight of the PatchGAN hinge loss (0: off)")
+    disc_start: int = _flag(0, "step at which the adversarial loss starts")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.teacher_vae_subfolder and not self.teacher_vae:
+            problems.append("--teacher_vae_subfolder needs --teacher_vae")
+        if self.rec_loss not in ("l1", "l2"):
+            problems.append(f"--rec_loss must be l1 or l2, got {self.rec_loss!r}")
+        return problems
+
+
+@dataclass
+class LatentDiffusionConfig(RunConfig):
+    """A latent diffusion run (`LatentDiffusionObjective`): a class-conditional DiT learns to denoise the latents of a
+    trained VAE. The defaults are the second main job: the embedded photos, with the first main job's VAE
+    (outputs/custom-vae), 64 px, a tiny DiT, a few CPU minutes."""
+
+    vae: str = _flag("outputs/custom-vae", "the VAE whose latent space the model learns: a folder or Hub id")
+    vae_subfolder: str | None = _flag(None, "the VAE's subfolder, e.g. vae for a pipeline's repo")
+    model_config: str = _flag(
+        "tiny",
+        "the DiT: a preset (tiny, S/2, B/2: the DiT paper's widths) or a JSON file of DiTTransformer2DModel arguments",
+    )
+    label_column: str | None = _flag(
+        None, "the dataset column holding class labels (a folder's classes: its subfolders)"
+    )
+    class_dropout_prob: float = _flag(
+        0.1, "how often a label is replaced by the null label (classifier-free guidance)"
+    )
+    guidance_scale: float = _flag(4.0, "classifier-free guidance of the validation samples")
+    num_inference_steps: int = _flag(25, "denoising steps of the validation samples (DDIM)")
+    num_train_epochs: int = _flag(5, "epochs, when --max_train_steps is not given")
+    max_train_steps: int | None = _flag(1500, "total optimiser steps (overrides --num_train_epochs)")
+    train_batch_size: int = _flag(32, "latents per process per step")
+    learning_rate: float = _flag(3e-4, "AdamW learning rate")
+    lr_scheduler: str = _flag(
+        "constant_with_warmup", "a diffusers scheduler: constant, constant_with_warmup, cosine, ..."
+    )
+    use_ema: bool = _flag(True, "keep an exponential moving average of the weights for validation and the result")
+    ema_decay: float = _flag(0.995, "the EMA's largest decay (it warms up from 0); ~0.9999 for long runs")
+    validation_steps: int = _flag(500, "validate (held-out denoising loss, samples per class) every this many steps")
+    output_dir: str = _flag("outputs/custom-dit", "where the pipeline, checkpoints, logs and model card go")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0 <= self.class_dropout_prob < 1:
+            problems.append(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if not self.guidance_scale >= 1:
+            problems.append(f"--guidance_scale must be at least 1, got {self.guidance_scale}")
+        if not self.num_inference_steps >= 1:
+            problems.append(f"--num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.resolution[0] != self.resolution[1]:
+            problems.append(f"--resolution must be square (DiTPipeline samples square images), got {self.resolution}")
+        return problems

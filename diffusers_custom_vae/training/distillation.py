@@ -22,10 +22,10 @@ from ..losses import AdversarialLoss, PatchDiscriminator, ReconstructionLoss
 from ..metrics import psnr
 from ..modeling_custom_vae import CustomVAE, downsample_factor_of
 from .config import TrainConfig
-from .objectives import Objective, build_vae, other_terms, preset_config
+from .objectives import VAEObjective, build_vae, other_terms, preset_config
 
 
-class DistillationObjective(Objective):
+class DistillationObjective(VAEObjective):
     """A student (the default `CustomVAE` with the teacher's latent channels, or `--model_config` /
     `--pretrained_model_name_or_path`) distilled from `--teacher_vae`. Each step:
 
@@ -35,6 +35,8 @@ class DistillationObjective(Objective):
              + reconstruction(decode, images) [+ teacher_decode_scale * |decode - teacher decode|]  (the "nll")
              + adaptive_weight * g_adv [+ the discriminator's hinge loss]
     """
+
+    name = "distillation"
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -112,9 +114,9 @@ class DistillationObjective(Objective):
             "teacher_psnr": psnr(teacher_decode, images).item(),
             "student_vs_teacher_psnr": psnr(student_decode, teacher_decode).item(),
         }
-        return scores, [images, teacher_decode, student_decode]  # the grid: originals, teacher, student
+        return scores, {"reconstructions": [images, teacher_decode, student_decode]}  # originals, teacher, student
 
-    def finish(self, model, data, config):
+    def finish(self, model, data):
         """The student keeps the teacher's scaling and shift factors (pipelines scale its latents as the teacher's)
         and names the teacher's latent space, or records the teacher's encoder fingerprint when it has no name."""
         model.register_to_config(
@@ -162,6 +164,8 @@ class DistillationObjective(Objective):
     def checkpoint_facts(self) -> dict:
         """Where the teacher came from, recorded in each checkpoint (the teacher's weights are not saved there)."""
         return {
+            "objective": self.name,
+            "resume_with": f"its teacher, --teacher_vae {' --teacher_vae_subfolder '.join(self._teacher_flags())}",
             "teacher_vae": self.config.teacher_vae,
             "teacher_vae_subfolder": self.config.teacher_vae_subfolder,
             "teacher_fingerprint": self.teacher_fingerprint,
@@ -175,6 +179,9 @@ class DistillationObjective(Objective):
                 f"{folder} was distilled from {recorded!r}, but the teacher {teacher_source(self.config)!r} has other "
                 "weights. Resume with the checkpoint's teacher, or start a new run."
             )
+
+    def _teacher_flags(self) -> list[str]:
+        return [part for part in (self.config.teacher_vae, self.config.teacher_vae_subfolder) if part]
 
     @property
     def teacher_fingerprint(self) -> str:

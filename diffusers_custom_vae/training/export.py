@@ -1,5 +1,5 @@
-"""The output folder of a run: the model, metrics.json, a grid of held-out images, the model card, the training
-config; then the optional push to the Hub."""
+"""The output folder of a run: what the objective saves (`Objective.save`: the model, a grid, the model card), then
+metrics.json and training_config.json; then the optional push to the Hub."""
 
 import fnmatch
 import json
@@ -8,30 +8,19 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation import common_crop
-from ..hub import render_model_card, upload_folder_to_hub
-from ..modeling_custom_vae import downsample_factor_of
+from ..hub import upload_folder_to_hub
 from .checkpoints import checkpoint_steps
-from .config import TrainConfig
+from .config import RunConfig
 
-# What a run writes into its output folder besides its checkpoint-{step} folders: a new run never overwrites these
-# unless told to.
-OUTPUT_PATTERNS = (
-    "config.json",
-    "diffusion_pytorch_model*",
-    "modeling_custom_vae.py",
-    "README.md",
-    "metrics.json",
-    "training_config.json",
-    "reconstructions.png",
-    "logs",
-)
+# What every run writes into its output folder besides its checkpoint-{step} folders and what its objective saves
+# (`Objective.output_patterns`): a new run never overwrites these unless told to.
+OUTPUT_PATTERNS = ("README.md", "metrics.json", "training_config.json", "logs")
 
 
-def check_output_dir(config: TrainConfig):
+def check_output_dir(config: RunConfig, objective_patterns: tuple[str, ...] = ()):
     """Refuses, before anything is written, an `output_dir` that is a file, and one holding what a new run would
-    overwrite (a user's README.md, an earlier run's model or checkpoints) unless the run resumes or
-    `overwrite_output_dir` says to replace them."""
+    overwrite (a user's README.md, an earlier run's model or checkpoints: `OUTPUT_PATTERNS` and the objective's)
+    unless the run resumes or `overwrite_output_dir` says to replace them."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; the model, checkpoints and logs need a folder.")
@@ -41,7 +30,8 @@ def check_output_dir(config: TrainConfig):
     if config.resume_from_checkpoint and (checkpoints or config.resume_from_checkpoint != "latest"):
         return  # a resumed run rewrites what its earlier part wrote
     names = sorted(path.name for path in output_dir.iterdir())
-    clashes = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OUTPUT_PATTERNS)]
+    patterns = (*OUTPUT_PATTERNS, *objective_patterns)
+    clashes = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
     clashes += checkpoints
     if clashes:
         resume = "continue that run with --resume_from_checkpoint latest, " if checkpoints else ""
@@ -52,33 +42,17 @@ def check_output_dir(config: TrainConfig):
 
 
 @torch.no_grad()
-def write_output_folder(model, objective, data, config: TrainConfig, num_processes: int, throughput: dict) -> dict:
+def write_output_folder(model, objective, data, config: RunConfig, num_processes: int, throughput: dict) -> dict:
     """Writes the output folder (see the module docstring) and pushes it when `config.push_to_hub`; returns what
     metrics.json holds: the objective's held-out metrics and the training throughput."""
     output_dir = Path(config.output_dir)
     started = time.time_ns()
     model.eval()
-    objective.finish(model, data, config)  # e.g. the scaling factor, before the config is saved
-    model.save_pretrained(output_dir)  # first: whatever fails later, the trained model is safe
-    metrics = objective.evaluate(model, data)
+    training = training_summary(config, objective, num_processes, throughput)
+    metrics = objective.save(model, data, output_dir, training)  # the model first, then its grid and card
     summary = {**metrics, "split": data.test_description, "images": len(data.test), **throughput}
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "training_config.json").write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
-    grid_images = common_crop(data.test, multiple=downsample_factor_of(model))
-    objective.comparison_grid(model, grid_images).save(output_dir / "reconstructions.png")
-    card = render_model_card(
-        model,
-        repo_id=config.hub_model_id,
-        metrics=metrics,
-        metrics_split=data.test_description,
-        grid_image="reconstructions.png",
-        grid_caption=objective.grid_caption,
-        description=objective.card_description(metrics),
-        datasets=data.dataset_ids or None,
-        training=training_summary(config, objective, num_processes, throughput),
-        credits=data.credits,
-    )
-    card.save(output_dir / "README.md")
     print(
         f"Held-out {data.test_description}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -88,14 +62,20 @@ def write_output_folder(model, objective, data, config: TrainConfig, num_process
         print(f"Skipped {len(data.skipped)} unreadable image file(s), e.g. {data.skipped[0]}.")
     if config.push_to_hub:
         # Only what this export wrote: never the user's other files in the folder, nor checkpoints and logs.
-        written = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.stat().st_mtime_ns >= started)
+        written = sorted(
+            path.relative_to(output_dir).as_posix()
+            for path in output_dir.rglob("*")  # an objective may save folders (a pipeline's transformer/, vae/...)
+            if path.is_file()
+            and path.stat().st_mtime_ns >= started
+            and not path.relative_to(output_dir).parts[0].startswith(("checkpoint-", "logs"))
+        )
         repo_id = config.hub_model_id or output_dir.name
         url = upload_folder_to_hub(output_dir, repo_id, allow_patterns=written)
         print(f"Pushed {', '.join(written)} to {url}")
     return summary
 
 
-def training_summary(config: TrainConfig, objective, num_processes: int, throughput: dict) -> str:
+def training_summary(config: RunConfig, objective, num_processes: int, throughput: dict) -> str:
     """The model card's "Training" paragraph."""
     steps = config.max_train_steps or f"{config.num_train_epochs} epochs"
     speed = ""

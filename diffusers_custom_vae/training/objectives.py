@@ -1,6 +1,6 @@
-"""What a training run learns. The trainer (`trainer.py`) owns accelerate, the data, the optimiser and schedule of
-`objective.model`, EMA, checkpoints, logging and the output folder; an `Objective` says what one step computes, how
-validation looks and what the saved model records. `VAEObjective` learns a VAE from images."""
+"""What a training run learns. The trainer (`trainer.py`) owns accelerate, the loop, the optimiser and schedule of
+`objective.model`, EMA, checkpoints, logging, metrics.json and the push; an `Objective` says which data, what one step
+computes, how validation looks and what the output folder holds. `VAEObjective` learns a VAE from images."""
 
 import inspect
 import json
@@ -9,89 +9,92 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from PIL import Image
 from torch import nn
 
-from ..evaluation import comparison_grid, evaluate_vae
+from ..data import load_data
+from ..evaluation import common_crop, comparison_grid, evaluate_vae
+from ..hub import render_model_card
 from ..latents import estimate_scaling_factor
 from ..loading import load_vae, vae_class
 from ..losses import PatchDiscriminator, VAELoss
 from ..metrics import psnr, ssim
-from ..modeling_custom_vae import CustomVAE, CustomVAEOutput
+from ..modeling_custom_vae import CustomVAE, CustomVAEOutput, downsample_factor_of
 from ..presets import PRESETS
 from .config import TrainConfig
 
 
 class Objective:
-    """The interface the trainer calls, in this order:
+    """What a run learns, as the trainer (`trainer.py`) calls it. Each objective's steps read alike: `load_data` gives
+    the splits, `loss` one batch's loss, `validate` scores and image grids, `save` the output folder.
 
+    - `name`: what a run of it is, in words ("distillation"), recorded in checkpoints; `output_patterns`: the names
+      `save` writes, which a new run refuses to overwrite (class attributes: checked before the objective is built).
     - `model`: the module trained, averaged (EMA), validated and saved; `training_module()` is what accelerate wraps
       and the step calls (the model itself, or a wrapper whose `forward` makes the step's one call).
+    - `load_data(accelerator) -> DataSplits`: `train` (a dataset with `set_epoch`), a fixed `validation` batch (a
+      tensor or a dict of tensors) and what `save` evaluates on.
     - `prepare(accelerator, make_optimizer)`: wraps what else trains (a discriminator) and moves frozen helpers (a
-      teacher) to the device; returns {name: (wrapped module, optimiser)} for the trainer to step beside the model's
-      and to checkpoint.
-    - `loss(module, images, step) -> (loss, terms)`: one batch. `module` is the wrapped `training_module()`; `loss` may
+      teacher, a VAE) to the device; returns {name: (wrapped module, optimiser)} for the trainer to step beside the
+      model's and to checkpoint.
+    - `loss(module, batch, step) -> (loss, terms)`: one batch. `module` is the wrapped `training_module()`; `loss` may
       include the helpers' losses (each touching only its own parameters), so one backward serves all; `terms` are
       detached tensors to log.
-    - `validate(model, images) -> (scores, rows)`: floats to log, and image rows (originals first) for a grid.
-    - `finish(model, data, config)`: sets what the saved config records (scaling factor...) before saving.
-    - `evaluate(model, data) -> metrics` and `comparison_grid(model, images) -> image` for the output folder.
+    - `validate(model, batch) -> (scores, grids)`: floats to log, and {name: image rows} to show.
+    - `save(model, data, output_dir, training) -> metrics`: the output folder's model, grid and model card (whose
+      training paragraph is `training`, which ends with `description`); returns the held-out metrics.
+    - `checkpoint_facts()`: JSON facts each checkpoint records (the trainer refuses to resume a checkpoint whose
+      "objective" differs, naming its "resume_with"); `check_resume(facts, folder)` may refuse more.
     """
 
+    name = "training run"
+    output_patterns: tuple[str, ...] = ()
     model: nn.Module
 
     def training_module(self) -> nn.Module:
         return self.model
 
+    def load_data(self, accelerator: Accelerator):
+        raise NotImplementedError
+
     def prepare(self, accelerator: Accelerator, make_optimizer) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
         return {}
 
-    def loss(self, module: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, module: nn.Module, batch, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def validate(self, model: nn.Module, images: torch.Tensor) -> tuple[dict[str, float], list[torch.Tensor]]:
+    def validate(self, model: nn.Module, batch) -> tuple[dict[str, float], dict[str, list[torch.Tensor]]]:
         raise NotImplementedError
 
-    def finish(self, model: nn.Module, data, config: TrainConfig) -> None:
-        pass
-
-    def evaluate(self, model: nn.Module, data) -> dict[str, float]:
-        raise NotImplementedError
-
-    def comparison_grid(self, model: nn.Module, images: torch.Tensor) -> Image.Image:
+    def save(self, model: nn.Module, data, output_dir: Path, training: str) -> dict[str, float]:
         raise NotImplementedError
 
     @property
     def description(self) -> str:
-        """What is learned, in a clause for the model card."""
+        """What is learned, in a clause for the model card's training paragraph."""
         return ""
 
-    grid_caption = "Originals (top) and reconstructions (bottom)"
-
-    def card_description(self, metrics: dict) -> str | None:
-        """A paragraph for the model card, under its first lines (`None`: none)."""
-        return None
-
     def checkpoint_facts(self) -> dict:
-        """JSON facts a checkpoint records beside the run's position (e.g. where a teacher came from)."""
-        return {}
+        return {"objective": self.name, "resume_with": "the flags of the run that wrote it"}
 
     def check_resume(self, facts: dict, folder) -> None:
-        """Raises `ValueError` when the checkpoint at `folder` (its recorded facts) cannot be resumed with this
-        objective: here, a distillation's checkpoint resumed without its teacher."""
-        if facts.get("teacher_vae"):
-            flags = (facts["teacher_vae"], facts.get("teacher_vae_subfolder"))
-            teacher = " --teacher_vae_subfolder ".join(filter(None, flags))
-            raise ValueError(f"{folder} is a distillation: resume it with its teacher, --teacher_vae {teacher}.")
+        pass
 
 
 class VAEObjective(Objective):
     """A VAE (a `CustomVAE`, or diffusers' `AutoencoderKL`) learns to reconstruct images: `losses.VAELoss`, with an
-    optional PatchGAN discriminator trained beside it."""
+    optional PatchGAN discriminator trained beside it. Its output folder is the VAE's (`save_pretrained`), with
+    reconstructions.png and a model card; `finish`, `evaluate`, `comparison_grid`, `grid_caption` and
+    `card_description` are the parts a subclass (`DistillationObjective`) changes."""
+
+    name = "VAE training run"
+    output_patterns = ("config.json", "diffusion_pytorch_model*", "modeling_custom_vae.py", "reconstructions.png")
 
     def __init__(self, config: TrainConfig):
         self.model = build_vae(config)
         self.config = config
+
+    def load_data(self, accelerator):
+        return load_data(**self.config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
 
     def training_module(self) -> nn.Module:
         return self.model if isinstance(self.model, CustomVAE) else WithPosterior(self.model)
@@ -117,17 +120,49 @@ class VAEObjective(Objective):
     def validate(self, model, images):
         reconstruction = model(images).sample.clamp(-1, 1)  # the posterior's mode: no RNG is drawn
         scores = {"psnr": psnr(reconstruction, images).item(), "ssim": ssim(reconstruction, images).item()}
-        return scores, [images, reconstruction]
+        return scores, {"reconstructions": [images, reconstruction]}
 
-    def finish(self, model, data, config):
-        if not config.train_decoder_only:  # a frozen encoder keeps its latents' statistics, and its scaling factor
-            estimate_scaling_factor(model, _training_batches(data.train, config.train_batch_size), register=True)
+    def save(self, model, data, output_dir, training):
+        self.finish(model, data)  # e.g. the scaling factor, before the config is saved
+        model.save_pretrained(output_dir)  # first: whatever fails later, the trained model is safe
+        metrics = self.evaluate(model, data)
+        grid_images = common_crop(data.test, multiple=downsample_factor_of(model))
+        self.comparison_grid(model, grid_images).save(output_dir / "reconstructions.png")
+        card = render_model_card(
+            model,
+            repo_id=self.config.hub_model_id,
+            metrics=metrics,
+            metrics_split=data.test_description,
+            grid_image="reconstructions.png",
+            grid_caption=self.grid_caption,
+            description=self.card_description(metrics),
+            datasets=data.dataset_ids or None,
+            training=training,
+            credits=data.credits,
+        )
+        card.save(output_dir / "README.md")
+        return metrics
+
+    def finish(self, model, data):
+        """Sets what the saved config records (the scaling factor) before saving."""
+        if not self.config.train_decoder_only:  # a frozen encoder keeps its latents' statistics and scaling factor
+            batches = _training_batches(data.train, self.config.train_batch_size)
+            estimate_scaling_factor(model, batches, register=True)
 
     def evaluate(self, model, data):
         return evaluate_vae(model, data.test, desc="held-out metrics")
 
     def comparison_grid(self, model, images):
         return comparison_grid([model], images)
+
+    grid_caption = "Originals (top) and reconstructions (bottom)"
+
+    def card_description(self, metrics: dict) -> str | None:
+        """A paragraph for the model card, under its first lines (`None`: none)."""
+        return None
+
+    def checkpoint_facts(self) -> dict:
+        return {"objective": self.name, "resume_with": "examples/train_vae.py, without --teacher_vae"}
 
     @property
     def description(self) -> str:

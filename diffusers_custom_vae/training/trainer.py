@@ -1,8 +1,10 @@
 """The training machinery, whatever is learned: accelerate, data, the loop, checkpoints, stops, logging, validation.
 
-`train(TrainConfig(...))` runs the whole job. What a step computes comes from an `Objective` (`objectives.py`); the
-step calls the wrapped module's `forward`, so data-parallel replicas stay in sync, and makes one host sync, shared
-by every process: one all-reduce carries the loss terms, the non-finite check and any stop request.
+`train(config, VAEObjective)` runs the whole job. What is learned is the `Objective` the caller hands over (the trainer
+imports none: `objectives.py`, `distillation.py`, `latent_diffusion.py`): its data, what one step computes, validation
+and the output folder. The step calls the wrapped module's `forward`, so data-parallel replicas stay in sync, and
+makes one host sync, shared by every process: one all-reduce carries the loss terms, the non-finite check and any stop
+request.
 """
 
 import importlib.util
@@ -17,24 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..data import load_data
 from ..images import image_grid
-from ..modeling_custom_vae import downsample_factor_of
 from .checkpoints import Checkpoints, latest_checkpoint, other_runs_checkpoints
-from .config import TrainConfig
-from .distillation import DistillationObjective
+from .config import RunConfig
 from .export import check_output_dir, write_output_folder
-from .objectives import Objective, VAEObjective
+from .objectives import Objective
 
 
-def train(config: TrainConfig, objective: Objective | None = None) -> dict:
-    """Runs the whole job: data, model, training loop, then the output folder (model, metrics, grid, model card).
-    Returns what metrics.json holds: held-out metrics and training throughput."""
+def train(config: RunConfig, objective: type[Objective]) -> dict:
+    """Runs the whole job of `objective` (a class, e.g. `VAEObjective`, built with `config` once the run is seeded):
+    data, model, training loop, then the output folder (model, metrics, grid, model card). Returns what metrics.json
+    holds: held-out metrics and training throughput."""
     require_training_extras(config)
     trainer = Trainer(config, objective)
     trainer.fit()
@@ -42,12 +42,12 @@ def train(config: TrainConfig, objective: Objective | None = None) -> dict:
 
 
 class Trainer:
-    """Sets up a run of `objective` (default: a `VAEObjective` of `config`) with accelerate: data, optimiser,
+    """Sets up a run of `objective` (an `Objective` class, built with `config`) with accelerate: data, optimiser,
     schedule, EMA, trackers, and the state of a checkpoint to resume from. `fit()` trains; `finish()` writes the
     output folder."""
 
-    def __init__(self, config: TrainConfig, objective: Objective | None = None):
-        check_output_dir(config)  # before anything is written
+    def __init__(self, config: RunConfig, objective: type[Objective]):
+        check_output_dir(config, objective.output_patterns)  # before anything is written
         self.config, self.output_dir = config, Path(config.output_dir)
         self.accelerator = accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -58,9 +58,9 @@ class Trainer:
         )
         refuse_unaware_copies(accelerator)
         set_seed(config.seed, device_specific=True)  # each rank draws its own posterior noise, reproducibly
-        self.objective = objective or (DistillationObjective(config) if config.teacher_vae else VAEObjective(config))
+        self.objective = objective(config)
         self.model = self.objective.model  # `self.module` below is what accelerate wraps and the step calls
-        self.data = load_data(**config.arguments_for(load_data), downsample_factor=downsample_factor_of(self.model))
+        self.data = self.objective.load_data(accelerator)
         self.images_per_step = config.images_per_step * accelerator.num_processes
         self._prepare_optimisation()
         self.state = TrainingState()
@@ -137,7 +137,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder.")
         loader = Checkpoints(self.accelerator, self.output_dir, run_id="")
         modules, states = self.checkpointed_modules, self.checkpointed_states
-        trainer_state = loader.load(folder, modules, states, check=self.objective.check_resume)
+        trainer_state = loader.load(folder, modules, states, check=self._check_resume)
         self.state.load_state_dict(trainer_state)
         others = other_runs_checkpoints(self.output_dir, trainer_state["run_id"])
         self.accelerator.print(
@@ -149,6 +149,13 @@ class Trainer:
             )
         )
         return trainer_state["run_id"]
+
+    def _check_resume(self, facts: dict, folder: Path):
+        """A checkpoint resumes only with the objective that wrote it, which may refuse it too (another teacher)."""
+        ours = self.objective.checkpoint_facts()["objective"]
+        if facts.get("objective", ours) != ours:
+            raise ValueError(f"{folder} is a {facts['objective']}: resume it with {facts['resume_with']}.")
+        self.objective.check_resume(facts, folder)
 
     def save_checkpoint(self):
         facts = self.state.state_dict() | self.objective.checkpoint_facts()
@@ -178,8 +185,8 @@ class Trainer:
         with StopRequest() as stop:
             while state.step < self.max_steps:
                 tick = time.perf_counter()
-                for images in self._epoch_batches():
-                    report = self._step(images, stop)
+                for batch in self._epoch_batches():
+                    report = self._step(batch, stop)
                     if report is None:  # accumulating: the optimiser steps after the last micro-batch
                         continue
                     state.step += 1
@@ -213,20 +220,20 @@ class Trainer:
         self.loader.set_epoch(state.epoch)  # the shuffle order depends on (seed, epoch)...
         self.data.train.set_epoch(state.epoch)  # ...and so does each image's augmentation
         consumed = state.epoch_batches
-        for images in self.accelerator.skip_first_batches(self.loader, consumed) if consumed else self.loader:
+        for batch in self.accelerator.skip_first_batches(self.loader, consumed) if consumed else self.loader:
             state.epoch_batches += 1
-            yield images
+            yield batch
         if state.epoch_batches == 0:  # a stream that ends before its first batch would loop forever
-            raise ValueError(f"The training data gave no batch of {self.config.train_batch_size} images.")
+            raise ValueError(f"The training data gave no batch of {self.config.train_batch_size} items.")
         state.epoch, state.epoch_batches = state.epoch + 1, 0
 
-    def _step(self, images: torch.Tensor, stop: "StopRequest") -> dict[str, float] | None:
+    def _step(self, batch, stop: "StopRequest") -> dict[str, float] | None:
         """One batch: forward and backward; after the last batch of a step, clip, check and update. Returns the
         step's report (its terms averaged over the processes, and whether any asked to stop), or `None` while
         accumulating gradients."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.module, *self.helper_modules):
-            loss, terms = self.objective.loss(self.module, images, self.state.step)
+            loss, terms = self.objective.loss(self.module, batch, self.state.step)
             self.non_finite += (~torch.isfinite(loss.detach())).float()  # counted on the device: no host sync
             accelerator.backward(loss)
             if not accelerator.sync_gradients:
@@ -269,13 +276,15 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """The objective's scores and image rows for the validation batch, with the EMA weights when there are
-        some; logged (scores, and the grid to tensorboard) and printed on the main process."""
+        """The objective's scores and grids (image rows) for the validation batch, with the EMA weights when there
+        are some; logged (scores, and the grids to tensorboard) and printed on the main process."""
         if self.ema is not None:
             self.ema.store(self.model.parameters())
             self.ema.copy_to(self.model.parameters())
         self.model.eval()
-        scores, rows = self.objective.validate(self.model, self.data.validation.to(self.accelerator.device))
+        scores, grids = self.objective.validate(
+            self.model, send_to_device(self.data.validation, self.accelerator.device)
+        )
         self.model.train()
         if self.ema is not None:
             self.ema.restore(self.model.parameters())
@@ -284,9 +293,9 @@ class Trainer:
         self.accelerator.log({f"validation/{name}": value for name, value in scores.items()}, step=self.state.step)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                # A NaN in a row shows black rather than stopping the run: the scores above already say NaN.
-                grid = np.array(image_grid([row.float().cpu().nan_to_num(0.0) for row in rows]))
-                tracker.writer.add_image("validation/reconstructions", grid, self.state.step, dataformats="HWC")
+                for name, rows in grids.items():  # a NaN shows black rather than stopping the run: scores say NaN
+                    grid = np.array(image_grid([row.float().cpu().nan_to_num(0.0) for row in rows]))
+                    tracker.writer.add_image(f"validation/{name}", grid, self.state.step, dataformats="HWC")
         tqdm.write(f"step {self.state.step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
     def finish(self) -> dict:
@@ -348,7 +357,7 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def require_training_extras(config: TrainConfig):
+def require_training_extras(config: RunConfig):
     """The packages of the `train` extra this run needs, or an error that says how to install them."""
     needed = {"tensorboard": "--report_to tensorboard"} if config.report_to in ("tensorboard", "all") else {}
     if config.dataset_name:
