@@ -7,8 +7,8 @@ A cached step reads posteriors from `cache_latents` and runs `LatentDiffusionObj
 step; an encoding step first runs the VAE's encoder on the batch's images, then does the same. The images are
 decoded and cropped before timing, so the encoding path is not charged for reading files (the real gap is larger).
 The steps take turns (`measure.interleaved_times`), so the shared machine's load falls on both alike. The one-off
-cost of filling the cache is reported too. The VAE has random weights: its speed does not depend on them.
-`--quick`: 64 px, batch 2, short timings (a smoke test: the numbers mean nothing).
+cost of filling the cache is reported too. The VAE has random weights: its speed does not depend on them. Runs on
+CUDA when there is one. `--quick`: 64 px, batch 2, short timings (a smoke test: the numbers mean nothing).
 """
 
 import argparse
@@ -35,7 +35,7 @@ COMMAND = "python -m benchmarks.benchmark_latent_diffusion"
 TARGET_RATIO = 3.0
 
 
-def steps(resolution: int, batch_size: int, workdir: Path) -> tuple[dict, dict]:
+def steps(resolution: int, batch_size: int, workdir: Path, device: str) -> tuple[dict, dict]:
     """({"cached": step, "encoding every batch": step}, facts): two training steps of one tiny DiT objective."""
     CustomVAE().save_pretrained(workdir / "vae")  # the default CustomVAE, random weights
     config = LatentDiffusionConfig(
@@ -47,16 +47,18 @@ def steps(resolution: int, batch_size: int, workdir: Path) -> tuple[dict, dict]:
         report_to="none",
     )
     objective = LatentDiffusionObjective(config)
-    model, vae = objective.model.train(), objective.vae
+    model, vae = objective.model.to(device).train(), objective.vae.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     train = load_data(resolution=resolution, downsample_factor=objective.factor, class_labels=True).train
     count = 4 * batch_size  # enough items to take turns through
     train.images, train.labels = train.images[:count], train.labels[:count]
     start = time.perf_counter()
-    latents = cache_latents(vae, train, random_flip=True, cache_dir=workdir / "cache", batch_size=batch_size)
+    latents = cache_latents(
+        vae, train, random_flip=True, cache_dir=workdir / "cache", batch_size=batch_size, device=device
+    )
     cache_seconds = time.perf_counter() - start
     fixed = train.fixed_view()
-    images = torch.stack([fixed[i] for i in range(count)])
+    images = torch.stack([fixed[i] for i in range(count)]).to(device)
     position = [0]
 
     def next_indices() -> list[int]:
@@ -70,13 +72,14 @@ def steps(resolution: int, batch_size: int, workdir: Path) -> tuple[dict, dict]:
         optimizer.zero_grad(set_to_none=True)
 
     def cached_step():
-        optimise(torch.utils.data.default_collate([latents[i] for i in next_indices()]))
+        batch = torch.utils.data.default_collate([latents[i] for i in next_indices()])
+        optimise({name: values.to(device) for name, values in batch.items()})
 
     def encoding_step():
         indices = next_indices()
         with torch.no_grad():
             posterior = vae.encode(images[indices]).latent_dist
-        optimise({"mean": posterior.mean, "std": posterior.std, "label": latents.labels[indices]})
+        optimise({"mean": posterior.mean, "std": posterior.std, "label": latents.labels[indices].to(device)})
 
     facts = {
         "cache_images_per_second": count / cache_seconds,
@@ -98,14 +101,14 @@ def target(images_per_second: dict[str, float], resolution: int) -> Target:
     )
 
 
-def report(images_per_second, facts, resolution, batch_size, command, wall_seconds) -> str:
+def report(images_per_second, facts, resolution, batch_size, command, wall_seconds, device) -> str:
     lines = [
         "## Latent diffusion: training with the latent cache vs encoding every batch "
         "(`benchmarks/benchmark_latent_diffusion.py`)",
         "",
         f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
         f"- Command: `{command}`",
-        f"- Machine: {machine_description('cpu')}",
+        f"- Machine: {machine_description(device)}",
         f"- Model: the tiny DiT preset ({facts['dit_parameters'] / 1e6:.2f} M parameters) on latents "
         f"{facts['latent_shape']} of the default CustomVAE ({facts['vae_parameters'] / 1e6:.2f} M parameters, random "
         f"weights) at {resolution} px; batch {batch_size}; `LatentDiffusionObjective.loss`, backward, AdamW step.",
@@ -136,12 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(f"--output {args.output}: its folder does not exist")
     resolution, batch_size = (64, 2) if args.quick else (args.resolution, args.batch_size)
     rounds, min_run_time = (1, 0.05) if args.quick else (3, 5.0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            calls, facts = steps(resolution, batch_size, Path(workdir))
+            calls, facts = steps(resolution, batch_size, Path(workdir), device)
         except ValueError as error:  # e.g. a resolution that is not a multiple of the VAE's factor
             parser.error(str(error))
         times = interleaved_times(calls, rounds, min_run_time)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     publish(
         args.output,
         SECTION,
-        report(images_per_second, facts, resolution, batch_size, command, time.perf_counter() - start),
+        report(images_per_second, facts, resolution, batch_size, command, time.perf_counter() - start, device),
     )
     return images_per_second
 

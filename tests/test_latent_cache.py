@@ -170,3 +170,27 @@ def test_scaled_std(pets, tiny_vae, tmp_path):
     torch.manual_seed(0)
     samples = latents.mean + latents.std * torch.randn((2000, *latents.mean.shape))
     assert latents.scaled_std(0.5) == pytest.approx(float(samples.std() * 0.5), rel=0.02)
+
+
+def test_a_datasets_table_is_keyed_by_its_fingerprint(tiny_vae, tmp_path):
+    import datasets
+
+    images = [Image.fromarray(RNG.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(6)]
+    features = datasets.Features({"image": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": images, "kind": [0, 1] * 3}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "ds")
+
+    def train():
+        return load_data(
+            dataset_name=str(tmp_path / "ds"), label_column="kind", resolution=8, downsample_factor=2
+        ).train
+
+    vae = CountingVAE(tiny_vae)
+    first = cache_latents(vae, train(), random_flip=False, cache_dir=tmp_path / "cache")
+    encoded = vae.encoded
+    assert cache_latents(vae, train(), random_flip=False, cache_dir=tmp_path / "cache").path == first.path
+    assert vae.encoded == encoded  # the same table, loaded again: reused
+    rows["image"] = rows["image"][::-1]
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "ds2")
+    other = load_data(dataset_name=str(tmp_path / "ds2"), label_column="kind", resolution=8, downsample_factor=2)
+    assert cache_latents(vae, other.train, random_flip=False, cache_dir=tmp_path / "cache").path != first.path
