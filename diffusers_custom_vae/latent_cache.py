@@ -74,10 +74,14 @@ def cache_latents(
             "(a streamed dataset cannot be cached: load it without streaming)"
         )
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     view = dataset.fixed_view()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / cache_key(vae, view, random_flip)
-    with PartialState().main_process_first():  # the main process encodes; then the others find the folder complete
+    # The trainer's Accelerator made the state already; alone, read `accelerate launch`'s CPU flag as Accelerator does.
+    with PartialState(
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU")
+    ).main_process_first():  # the main process encodes; then the others find the folder complete
         if not (path / "info.json").is_file():
             device = torch.device(device) if device is not None else next(vae.parameters()).device
             _encode(vae, view, random_flip, path, batch_size, device, desc)

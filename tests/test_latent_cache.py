@@ -170,3 +170,69 @@ def test_scaled_std(pets, tiny_vae, tmp_path):
     torch.manual_seed(0)
     samples = latents.mean + latents.std * torch.randn((2000, *latents.mean.shape))
     assert latents.scaled_std(0.5) == pytest.approx(float(samples.std() * 0.5), rel=0.02)
+
+
+def test_a_datasets_table_is_keyed_by_its_fingerprint(tiny_vae, tmp_path):
+    import datasets
+
+    images = [Image.fromarray(RNG.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(6)]
+    features = datasets.Features({"image": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": images, "kind": [0, 1] * 3}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "ds")
+
+    def train():
+        return load_data(
+            dataset_name=str(tmp_path / "ds"), label_column="kind", resolution=8, downsample_factor=2
+        ).train
+
+    vae = CountingVAE(tiny_vae)
+    first = cache_latents(vae, train(), random_flip=False, cache_dir=tmp_path / "cache")
+    encoded = vae.encoded
+    assert cache_latents(vae, train(), random_flip=False, cache_dir=tmp_path / "cache").path == first.path
+    assert vae.encoded == encoded  # the same table, loaded again: reused
+    rows["image"] = rows["image"][::-1]
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "ds2")
+    other = load_data(dataset_name=str(tmp_path / "ds2"), label_column="kind", resolution=8, downsample_factor=2)
+    assert cache_latents(vae, other.train, random_flip=False, cache_dir=tmp_path / "cache").path != first.path
+
+
+ENCODE_ON_EVERY_RANK = """
+import sys, torch
+from accelerate import PartialState
+from diffusers_custom_vae import CustomVAE
+from diffusers_custom_vae.data import load_data
+from diffusers_custom_vae.latent_cache import cache_latents
+
+folder, cache, config = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+torch.manual_seed(0)
+vae = CustomVAE(**config).eval()
+calls = []
+original = vae.encode
+vae.encode = lambda images: calls.append(len(images)) or original(images)
+train = load_data(folder, resolution=8, downsample_factor=2, class_labels=True).train
+latents = cache_latents(vae, train, random_flip=True, cache_dir=cache)
+print(f"rank {PartialState().process_index} encoded {sum(calls)} read {len(latents)} from {latents.path.name}")
+"""
+
+
+@pytest.mark.slow
+def test_on_two_processes_only_the_main_one_encodes(pets, tmp_path, tiny_config):
+    """Two CPU processes (gloo) fill one cache: rank 0 encodes (each image and its mirror), rank 1 reads."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "encode.py"
+    script.write_text(ENCODE_ON_EVERY_RANK)
+    accelerate = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1".split()
+    accelerate += "--mixed_precision no --dynamo_backend no".split()
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *accelerate, str(script), str(pets), str(tmp_path / "cache"), repr(tiny_config)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count = len(train_data(pets))
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert [line.split(" from ")[0] for line in lines] == [
+        f"rank 0 encoded {2 * count} read {count}",
+        f"rank 1 encoded 0 read {count}",
+    ]
+    assert len({line.split(" from ")[1] for line in lines}) == 1 and len(list((tmp_path / "cache").iterdir())) == 1
