@@ -32,8 +32,12 @@ from tiny_pipelines import (
 )
 
 from diffusers_custom_vae import CustomVAE
-from diffusers_custom_vae.latent_spaces import LatentSpaceWarning, encoder_fingerprint, latent_space_of
-from diffusers_custom_vae.latent_spaces import shares_latent_space
+from diffusers_custom_vae.latent_spaces import (
+    LatentSpaceWarning,
+    encoder_fingerprint,
+    latent_space_of,
+    shares_latent_space,
+)
 from diffusers_custom_vae.pipelines import save_pipeline, swap_vae
 
 ROOT = Path(__file__).resolve().parents[1]
