@@ -108,8 +108,8 @@ class LivePreviews:
             if not self.skipped:
                 warnings.warn(
                     f"The preview {type(self.vae).__name__} decoded the latents of step {steps_run} to values that "
-                    f"are not finite (NaN or infinite; in {self.vae.dtype}, does it overflow?): that frame and any other "
-                    "such frame of this run are skipped; the pipeline's own images are not affected.",
+                    f"are not finite (NaN or infinite; in {self.vae.dtype}, does it overflow?): that frame and any "
+                    "other such frame of this run are skipped; the pipeline's own images are not affected.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
