@@ -12,7 +12,7 @@ import hashlib
 import math
 
 import torch
-from diffusers import AutoencoderKL, ModelMixin
+from diffusers import AutoencoderKL, AutoencoderTiny, ModelMixin
 
 # Scaling factor of a pretrained AutoencoderKL -> the latent space it encodes into. Fine-tunes of a decoder
 # (sd-vae-ft-mse, sd-vae-ft-ema) keep the encoder, the latent space and the scaling factor.
@@ -75,22 +75,43 @@ def latent_space_identity(vae) -> str:
 
 def shares_latent_space(vae, reference) -> bool:
     r"""
-    Whether `vae`'s latents are known to live in `reference`'s latent space: both name the same space, or `vae`
-    records the encoder fingerprint of `reference` (it was distilled from it).
+    Whether `vae`'s latents are known to live in `reference`'s latent space (the relation is symmetric): both record
+    the same space (a name, or the encoder fingerprint of the VAE both were distilled from), or one records the
+    encoder fingerprint of the other (it was distilled from it). Encoders are hashed only in that last case.
+
+    Diffusers' [`AutoencoderTiny`] (TAESD) records no space, but exists only as a decoder distilled into a pretrained
+    VAE's space: it shares the space of any VAE `latent_space_of` names (its latent channels tell SD's and SDXL's
+    4-channel spaces from SD3's and Flux's 16, not SD's from SDXL's).
 
     Args:
         vae (`ModelMixin`): The VAE in question (e.g. the new VAE of a pipeline).
         reference (`ModelMixin`, *optional*): The VAE whose space counts (e.g. the one the pipeline's UNet knows).
     """
-    space = latent_space_of(vae)
-    if space is None or reference is None:
+    if vae is None or reference is None:
         return False
-    if space.startswith(FINGERPRINT_PREFIX):
-        as_float16, as_bfloat16 = space.removeprefix(FINGERPRINT_PREFIX).partition(":")[::2]
-        if reference.dtype == torch.bfloat16:
-            return _encoder_hash(reference, torch.bfloat16) == as_bfloat16
-        return _encoder_hash(reference, torch.float16) == as_float16  # float32 and float16 round alike to float16
-    return space == latent_space_of(reference)
+    space, reference_space = latent_space_of(vae), latent_space_of(reference)
+    if space is not None and space == reference_space:
+        return True
+    for tiny, other_space in ((vae, reference_space), (reference, space)):
+        if isinstance(tiny, AutoencoderTiny) and other_space is not None and not is_fingerprint(other_space):
+            return True
+    return _records_encoder_of(vae, reference) or _records_encoder_of(reference, vae)
+
+
+def is_fingerprint(space: str | None) -> bool:
+    """Whether a recorded `latent_space` is an encoder fingerprint (a space with no name)."""
+    return space is not None and space.startswith(FINGERPRINT_PREFIX)
+
+
+def _records_encoder_of(student, teacher) -> bool:
+    """Whether `student` records `teacher`'s encoder fingerprint as its latent space."""
+    space = latent_space_of(student)
+    if not is_fingerprint(space) or latent_space_of(teacher) is not None:  # a named teacher gave its name instead
+        return False
+    as_float16, as_bfloat16 = space.removeprefix(FINGERPRINT_PREFIX).partition(":")[::2]
+    if teacher.dtype == torch.bfloat16:
+        return _encoder_hash(teacher, torch.bfloat16) == as_bfloat16
+    return _encoder_hash(teacher, torch.float16) == as_float16  # float32 and float16 round alike to float16
 
 
 def describe_latent_space(vae) -> str:
@@ -98,16 +119,26 @@ def describe_latent_space(vae) -> str:
     space = latent_space_of(vae)
     if space is None:
         return "an unnamed latent space"
-    if space.startswith(FINGERPRINT_PREFIX):
+    if is_fingerprint(space):
         return f"the latent space of the VAE it was distilled from ({space[: len(FINGERPRINT_PREFIX) + 8]}...)"
     return f"the {space!r} latent space"
 
 
 def _encoder_hash(vae, dtype: torch.dtype) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
+    for name, tensor in sorted(_state_dict(vae).items()):
         if name.startswith(ENCODER_PARTS):
             values = tensor.detach().to("cpu", dtype).contiguous().view(torch.int16)  # the 16-bit patterns
             digest.update(f"{name}{tuple(tensor.shape)}".encode())
             digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _state_dict(vae) -> dict[str, torch.Tensor]:
+    """`vae`'s weights, also where accelerate's offload hooks (a pipeline's `enable_sequential_cpu_offload`) left
+    only meta tensors on the model and keep the values in the hooks."""
+    if not any(tensor.is_meta for tensor in vae.state_dict().values()):
+        return vae.state_dict()
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    return get_state_dict_offloaded_model(vae)

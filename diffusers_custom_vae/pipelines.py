@@ -72,7 +72,8 @@ def swap_vae(pipe, vae):
     return pipe
 
 
-def _is_vae(value) -> bool:
+def is_vae(value) -> bool:
+    """Whether `value` is a VAE a pipeline can use: a diffusers model with `encode` and `decode`."""
     return (
         isinstance(value, ModelMixin)
         and callable(getattr(value, "encode", None))
@@ -80,7 +81,7 @@ def _is_vae(value) -> bool:
     )
 
 
-def _describe(value) -> str:
+def describe_argument(value) -> str:
     """What a wrong argument is, in words: "None", "the str 'x'", "a UNet2DConditionModel"."""
     if value is None:
         return "None"
@@ -91,14 +92,14 @@ def _check_compatible(pipe, vae):
     # Arguments of the wrong kind would fail deep inside (AttributeError on `components` or `config`), or as a
     # ValueError about a missing config field.
     if not isinstance(pipe, DiffusionPipeline):
-        hint = " (the pipeline comes first: swap_vae(pipe, vae))" if _is_vae(pipe) else ""
+        hint = " (the pipeline comes first: swap_vae(pipe, vae))" if is_vae(pipe) else ""
         hint = " (load it first, e.g. with DiffusionPipeline.from_pretrained)" if isinstance(pipe, str) else hint
-        raise TypeError(f"swap_vae expected a diffusers pipeline as `pipe`, got {_describe(pipe)}{hint}.")
-    if not _is_vae(vae):
+        raise TypeError(f"swap_vae expected a diffusers pipeline as `pipe`, got {describe_argument(pipe)}{hint}.")
+    if not is_vae(vae):
         hint = f" (load it first: CustomVAE.from_pretrained({vae!r}))" if isinstance(vae, str) else ""
         raise TypeError(
             "swap_vae expected a VAE (a diffusers model with `encode` and `decode`, such as a CustomVAE or an "
-            f"AutoencoderKL) as `vae`, got {_describe(vae)}{hint}."
+            f"AutoencoderKL) as `vae`, got {describe_argument(vae)}{hint}."
         )
     pipeline, vae_name = type(pipe).__name__, type(vae).__name__
     unet = getattr(pipe, "unet", None)
@@ -194,16 +195,32 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwa
             `max_shard_size`); to upload, use [`push_pipeline_to_hub`].
     """
     if not isinstance(pipe, DiffusionPipeline):  # a VAE's save_pretrained would write its folder, then fail here
-        raise TypeError(f"save_pipeline expected a diffusers pipeline as `pipe`, got {_describe(pipe)}.")
+        raise TypeError(f"save_pipeline expected a diffusers pipeline as `pipe`, got {describe_argument(pipe)}.")
     if save_pretrained_kwargs.get("push_to_hub"):
         raise ValueError("save_pipeline writes a folder; upload with diffusers_custom_vae.push_pipeline_to_hub.")
+    module_file = os.path.basename(inspect.getfile(CustomVAE))  # what CustomVAE.save_config writes beside config.json
+    custom = {name for name, component in pipe.components.items() if isinstance(component, CustomVAE)}
+    # A component that was a CustomVAE in an earlier save, and is another class now, leaves a stale modeling file.
+    stale = [name for name in pipe.components if name not in custom and _saved_custom_vae(save_directory, name)]
     pipe.save_pretrained(save_directory, **save_pretrained_kwargs)
+    for name in stale:
+        os.remove(os.path.join(save_directory, name, module_file))
     index_file = os.path.join(save_directory, "model_index.json")
     with open(index_file, encoding="utf-8") as file:
         index = json.load(file)
-    module_file = os.path.basename(inspect.getfile(CustomVAE))  # what CustomVAE.save_config writes beside config.json
-    for name, entry in index.items():
-        if isinstance(entry, list) and os.path.isfile(os.path.join(save_directory, name, module_file)):
-            index[name] = [os.path.splitext(module_file)[0], entry[1]]
+    for name in custom:
+        index[name] = [os.path.splitext(module_file)[0], index[name][1]]
     with open(index_file, "w", encoding="utf-8") as file:
         file.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _saved_custom_vae(save_directory, name: str) -> bool:
+    """Whether `save_directory/name` holds a CustomVAE as this package saves one: its config and its modeling file."""
+    folder = os.path.join(save_directory, name)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
+            class_name = json.load(file).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return False
+    module_file = os.path.basename(inspect.getfile(CustomVAE))
+    return class_name == CustomVAE.__name__ and os.path.isfile(os.path.join(folder, module_file))

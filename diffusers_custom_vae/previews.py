@@ -16,7 +16,7 @@ from PIL import Image
 
 from .images import tensor_to_pil
 from .latent_spaces import LatentSpaceWarning, describe_latent_space, shares_latent_space
-from .pipelines import _describe, _is_vae
+from .pipelines import describe_argument, is_vae
 
 
 class LivePreviews:
@@ -51,6 +51,8 @@ class LivePreviews:
 
     Attributes:
         frames (`list[Path]`): The frames written by the latest run, in order.
+        skipped (`list[int]`): The steps of the latest run whose frames were skipped: the preview VAE's decode was
+            not finite (a [`RuntimeWarning`] says so once per run).
     """
 
     tensor_inputs = ["latents"]  # what MultiPipelineCallbacks asks each callback; "latents" is the pipelines' default
@@ -72,6 +74,7 @@ class LivePreviews:
         self.output_dir = Path(output_dir)
         self.every = every
         self.frames: list[Path] = []
+        self.skipped: list[int] = []
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """Called by the pipeline after each step (`step` counts from 0); returns `callback_kwargs` untouched."""
@@ -81,14 +84,18 @@ class LivePreviews:
                 f"{sorted(callback_kwargs)}: include 'latents' in callback_on_step_end_tensor_inputs."
             )
         if step == 0:  # a new run
-            self.frames = []
+            self.frames, self.skipped = [], []
         last_step = getattr(pipe, "num_timesteps", None)
         if (step + 1) % self.every == 0 or (last_step is not None and step == last_step - 1):
-            self.frames.append(self._write_frame(callback_kwargs["latents"], step + 1))
+            frame = self._write_frame(callback_kwargs["latents"], step + 1)
+            if frame is not None:
+                self.frames.append(frame)
         return callback_kwargs
 
     @torch.no_grad()
-    def _write_frame(self, latents: torch.Tensor, steps_run: int) -> Path:
+    def _write_frame(self, latents: torch.Tensor, steps_run: int) -> Path | None:
+        """Writes the frame of `latents`; `None` when the preview VAE's decode is not finite (e.g. a float16 VAE
+        that overflows): previews are extras, so the frame is skipped, with one warning per run."""
         # (B, C, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1] -> one row of B images
         if latents.device != self.vae.device and not hasattr(self.vae, "_hf_hook"):  # offload hooks move it already
             self.vae.to(latents.device)
@@ -96,7 +103,19 @@ class LivePreviews:
         unscaled = latents.to(self.vae.dtype) / config.get("scaling_factor", 1.0)  # a new tensor: latents untouched
         if config.get("shift_factor") is not None:
             unscaled = unscaled + config.shift_factor
-        images = tensor_to_pil(self.vae.decode(unscaled, return_dict=False)[0])
+        decoded = self.vae.decode(unscaled, return_dict=False)[0]
+        if not torch.isfinite(decoded).all():
+            if not self.skipped:
+                warnings.warn(
+                    f"The preview {type(self.vae).__name__} decoded the latents of step {steps_run} to values that "
+                    f"are not finite (NaN or infinite; in {self.vae.dtype}, does it overflow?): that frame and any "
+                    "other such frame of this run are skipped; the pipeline's own images are not affected.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.skipped.append(steps_run)
+            return None
+        images = tensor_to_pil(decoded)
         frame = make_image_grid(images, rows=1, cols=len(images))
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,16 +157,16 @@ class LivePreviews:
 
 
 def _check_preview_vae(pipe, vae):
-    if not _is_vae(vae):
+    if not is_vae(vae):
         raise TypeError(
             "LivePreviews expected a VAE (a diffusers model with `encode` and `decode`, such as a CustomVAE or an "
-            f"AutoencoderKL) as the preview VAE, got {_describe(vae)}."
+            f"AutoencoderKL) as the preview VAE, got {describe_argument(vae)}."
         )
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "vae", None) is None:
         raise ValueError(
             "LivePreviews previews pipelines with a `unet` and a `vae` (Stable Diffusion 1.x/2.x, SDXL); got "
-            f"{_describe(pipe)}."
+            f"{describe_argument(pipe)}."
         )
     latent_channels, unet_channels = vae.config.get("latent_channels"), unet.config.out_channels
     if latent_channels != unet_channels:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDPMPipeline,
     DDPMScheduler,
     DiffusionPipeline,
@@ -31,8 +32,13 @@ from tiny_pipelines import (
 )
 
 from diffusers_custom_vae import CustomVAE
-from diffusers_custom_vae.latent_spaces import LatentSpaceWarning, latent_space_of
-from diffusers_custom_vae.pipelines import swap_vae
+from diffusers_custom_vae.latent_spaces import (
+    LatentSpaceWarning,
+    encoder_fingerprint,
+    latent_space_of,
+    shares_latent_space,
+)
+from diffusers_custom_vae.pipelines import save_pipeline, swap_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_TO_IMAGE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -323,6 +329,62 @@ def test_latent_space_of_known_and_unknown_vaes():
 def test_latent_space_of_refuses_what_is_not_a_vae(not_a_vae, got):
     with pytest.raises(TypeError, match=rf"latent_space_of expected a VAE .*, got {re.escape(got)}\.$"):
         latent_space_of(not_a_vae)
+
+
+def unnamed_teacher(shift: float = 0.0):
+    """A VAE trained from scratch (no name for its space); `shift` makes another one."""
+    teacher = tiny_autoencoder_kl(scaling_factor=0.5)
+    with torch.no_grad():
+        teacher.encoder.conv_in.bias.add_(shift)
+    return teacher
+
+
+def test_students_of_one_unnamed_teacher_share_its_space_both_ways_and_with_each_other():
+    teacher = unnamed_teacher()
+    space = encoder_fingerprint(teacher)
+    first, second = tiny_custom_vae(latent_space=space), tiny_custom_vae(latent_space=space, layers_per_block=2)
+    assert shares_latent_space(first, teacher) and shares_latent_space(teacher, first)
+    assert shares_latent_space(first, second) and shares_latent_space(second, first)
+    stranger = tiny_custom_vae(latent_space=encoder_fingerprint(unnamed_teacher(shift=1.0)))
+    assert not shares_latent_space(stranger, first) and not shares_latent_space(teacher, stranger)
+    assert not shares_latent_space(tiny_custom_vae(), teacher) and not shares_latent_space(teacher, tiny_custom_vae())
+
+    pipe = tiny_pipeline(vae=first)  # a UNet trained on the first student's latents, then the second swapped in
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentSpaceWarning)
+        swap_vae(pipe, second)
+    with pytest.warns(LatentSpaceWarning, match="distilled from"):
+        swap_vae(pipe, stranger)
+
+
+def test_a_student_swaps_into_a_sequentially_offloaded_pipeline_of_its_unnamed_teacher():
+    """Sequential offload leaves meta tensors on the pipeline's VAE: its fingerprint is read through the hooks."""
+    pipe = tiny_pipeline(vae=unnamed_teacher())
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert all(parameter.is_meta for parameter in pipe.vae.parameters())
+    student = tiny_custom_vae(latent_space=encoder_fingerprint(unnamed_teacher()), scaling_factor=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentSpaceWarning)
+        swap_vae(pipe, student)
+    assert pipe.vae is student and hasattr(student, "_hf_hook")
+
+
+def test_save_pipeline_over_an_earlier_custom_vae_save_writes_what_is_saved_now(tmp_path):
+    pipe = tiny_pipeline()
+    with pytest.warns(LatentSpaceWarning):
+        swap_vae(pipe, tiny_custom_vae())
+    save_pipeline(pipe, tmp_path)
+    assert (tmp_path / "vae" / "modeling_custom_vae.py").is_file()
+    (tmp_path / "unet" / "modeling_custom_vae.py").write_text("# the user's own file\n")
+
+    swap_vae(pipe, tiny_autoencoder_kl())  # the pipeline's VAE again
+    save_pipeline(pipe, tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert not (tmp_path / "vae" / "modeling_custom_vae.py").exists()
+    assert (tmp_path / "unet" / "modeling_custom_vae.py").read_text() == "# the user's own file\n"  # not ours
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert isinstance(reloaded.vae, AutoencoderKL)
 
 
 def test_model_cpu_offload_hooks_move_to_the_new_vae():

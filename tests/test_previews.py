@@ -32,6 +32,7 @@ from tiny_pipelines import (
 
 from diffusers_custom_vae import CustomVAE, LatentSpaceWarning
 from diffusers_custom_vae.images import tensor_to_pil
+from diffusers_custom_vae.latent_spaces import encoder_fingerprint
 from diffusers_custom_vae.previews import LivePreviews
 
 TEXT_TO_IMAGE = (StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -178,15 +179,51 @@ def test_gif_needs_frames_and_a_gif_name(tmp_path):
 
 
 def test_diffusers_autoencoder_tiny_previews_too(tmp_path):
-    """TAESD's own class: scaling factor 1 (it decodes scaled latents), a latent space diffusers does not name."""
+    """TAESD's own class: scaling factor 1 (it decodes scaled latents). It records no latent space, but is distilled
+    into a pretrained VAE's: previewing a pipeline whose VAE's space is named needs no warning; one of its own does."""
     torch.manual_seed(0)
     blocks = dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
     taesd = AutoencoderTiny(**blocks, num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
     pipe = tiny_pipeline()
-    with pytest.warns(LatentSpaceWarning, match="The preview AutoencoderTiny decodes latents of an unnamed"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentSpaceWarning)
         previews = LivePreviews(pipe, taesd, tmp_path)
     generate(pipe, steps=2, callback_on_step_end=previews)
     assert frame_sizes(previews.frames) == [("PNG", (96, 64))] * 2
+    with pytest.warns(LatentSpaceWarning, match="AutoencoderTiny"):
+        LivePreviews(tiny_pipeline(vae=tiny_custom_vae()), taesd, tmp_path)
+
+
+def test_a_frame_that_does_not_decode_to_finite_values_is_skipped_with_one_warning(tmp_path):
+    pipe = tiny_pipeline()
+    expected = generate(pipe, steps=3)
+    overflowing = sd_preview_vae()
+    with torch.no_grad():
+        overflowing.decoder.conv_out.bias.fill_(float("inf"))  # as a float16 VAE that overflows
+    previews = LivePreviews(pipe, overflowing, tmp_path / "frames")
+    with pytest.warns(RuntimeWarning, match="not finite") as caught:
+        images = generate(pipe, steps=3, callback_on_step_end=previews)
+    assert len([w for w in caught if w.category is RuntimeWarning]) == 1
+    assert np.array_equal(images, expected) and np.isfinite(images).all()
+    assert previews.frames == [] and previews.skipped == [1, 2, 3]
+    assert not (tmp_path / "frames").exists()
+
+
+def test_a_student_of_an_unnamed_teacher_previews_a_sequentially_offloaded_pipeline(tmp_path):
+    """The pipeline's VAE weights are meta tensors under accelerate's hooks: its fingerprint is read from them."""
+    teacher = tiny_autoencoder_kl(scaling_factor=0.5)  # a space with no name
+    pipe = tiny_pipeline(vae=teacher)
+    student = tiny_custom_vae(latent_space=encoder_fingerprint(teacher), scaling_factor=0.5)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert all(parameter.is_meta for parameter in pipe.vae.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatentSpaceWarning)
+        LivePreviews(pipe, student, tmp_path)  # (running it: accelerate 1.16's hooks fail on CPU with torch 2.13)
+    other_teacher = tiny_autoencoder_kl(scaling_factor=0.5)
+    with torch.no_grad():
+        other_teacher.encoder.conv_in.bias.add_(1.0)
+    with pytest.warns(LatentSpaceWarning, match="unnamed"):
+        LivePreviews(pipe, tiny_custom_vae(latent_space=encoder_fingerprint(other_teacher)), tmp_path)
 
 
 def test_previews_combine_with_other_callbacks(tmp_path):
