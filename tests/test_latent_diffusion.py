@@ -126,6 +126,25 @@ def test_a_step_drops_labels_to_the_null_label_once_per_sample(workdir):
     assert torch.equal(objective.model(x, t, labels).sample, objective.model(x, t, labels).sample)
 
 
+def test_the_held_out_loss_is_one_deterministic_number(workdir):
+    """Fixed noise and timesteps on the held-out latents: the same model scores the same, data loaded twice."""
+    config = LatentDiffusionConfig(
+        vae=str(workdir / "vae"),
+        model_config=str(workdir / "dit.json"),
+        train_data_dir=str(workdir / "images"),
+        resolution=[16],
+        cache_dir=str(workdir / "cache"),
+    )
+    objective = LatentDiffusionObjective(config)
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    first, second = objective.load_data(cpu).validation, objective.load_data(cpu).validation
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert first["timesteps"].min() == 0 and first["timesteps"].max() == 999  # spread over the whole schedule
+    objective.model.eval()
+    losses = [objective.held_out_loss(objective.model, batch) for batch in (first, second)]
+    assert losses[0] == losses[1] and np.isfinite(losses[0])
+
+
 # ----------------------------------------------------------------------------------------- a run and its export
 
 
