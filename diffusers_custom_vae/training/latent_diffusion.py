@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..data import load_data
 from ..hub import _template_path
 from ..images import image_grid
+from ..latent_cache import cache_latents
 from ..latent_spaces import describe_latent_space
 from ..loading import load_vae
 from ..modeling_custom_vae import downsample_factor_of
@@ -73,8 +74,6 @@ class LatentDiffusionObjective(Objective):
         if len(splits.class_names) > NULL_LABEL:
             raise ValueError(f"The data has {len(splits.class_names)} classes; a DiTPipeline holds at most 1000.")
         self.class_names = splits.class_names or ["image"]  # no classes: one (every label 0), unconditional
-        from ..latent_cache import cache_latents  # ldm-data's module (issue 16's interface); here when merged
-
         self.vae.to(accelerator.device)
         train = cache_latents(
             self.vae,
@@ -102,7 +101,7 @@ class LatentDiffusionObjective(Objective):
     @torch.no_grad()
     def validation_batch(self, splits) -> dict[str, torch.Tensor]:
         """The held-out latents, each noised at `VALIDATION_TIMESTEPS` timesteps spread over the schedule, with
-        noise fixed by the seed: the held-out loss is one deterministic number; and the sampling seeds."""
+        noise fixed by the seed: the held-out loss is one deterministic number."""
         images = splits.validation.to(self.vae.device)
         posterior = self.vae.encode(images).latent_dist
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -130,6 +129,7 @@ class LatentDiffusionObjective(Objective):
 
     @torch.no_grad()
     def held_out_loss(self, model, batch) -> float:
+        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
         noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
         prediction = model(noisy, timestep=batch["timesteps"], class_labels=batch["labels"]).sample
         return F.mse_loss(prediction.float(), batch["noise"].float()).item()
