@@ -83,7 +83,11 @@ class LatentDiffusionObjective(Objective):
             device=accelerator.device,
         )
         self.report_scale(train.scaled_std(self.scaling_factor, None))
-        return dataclasses.replace(splits, train=train, validation=self.validation_batch(splits))
+        size = config.resolution[0]
+        held_out = f"the {len(splits.validation)} held-out images of the validation batch, {size}x{size}"
+        return dataclasses.replace(
+            splits, train=train, validation=self.validation_batch(splits), test_description=held_out
+        )
 
     def report_scale(self, std: float):
         """The scaled latents' standard deviation on the data: diffusion assumes about 1."""
@@ -201,7 +205,7 @@ class LatentDiffusionObjective(Objective):
             scaling_factor=f"{self.scaling_factor:.5g}",
             latent_std=f"{metrics['latent_std']:.3f}",
             held_out_loss=f"{metrics['held_out_loss']:.4f}",
-            metrics_split=f"{len(data.validation['latents']) // VALIDATION_TIMESTEPS} held-out images",
+            metrics_split=data.test_description,
             guidance_scale=config.guidance_scale,
             num_inference_steps=config.num_inference_steps,
             training=training,
