@@ -75,7 +75,7 @@ def run_ids(output_dir: str | os.PathLike) -> set[str]:
 
 def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
     """Raises `CheckpointError` naming each of `current`'s values that differs from the checkpoint's `recorded` one
-    (`kind`: what they are, e.g. "settings")."""
+    (`kind`: what they are, e.g. "model config")."""
     changed = [
         f"{name} {current[name]!r} (the checkpoint's: {recorded[name]!r})"
         for name in recorded
@@ -83,8 +83,8 @@ def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
     ]
     if changed:
         raise CheckpointError(
-            f"The {kind} differ from those {folder} was trained with: {'; '.join(changed)}. Resume with the "
-            "checkpoint's, or start a new run (another --output_dir) to change them."
+            f"This run's {kind} differs from the one {folder} was trained with: {'; '.join(changed)}. Resume with "
+            "the checkpoint's, or start a new run (another --output_dir) to change it."
         )
 
 

@@ -154,7 +154,7 @@ class Trainer:
     def _check_resume(self, facts: dict, folder: Path):
         """Refuses a checkpoint whose model config or settings (as it records them) this run would change."""
         refuse_changes("model config", facts.get("model_config", {}), self._model_config(), folder)
-        refuse_changes("settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
+        refuse_changes("training settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
         self.objective.check_resume(facts, folder)
 
     def _model_config(self) -> dict:
