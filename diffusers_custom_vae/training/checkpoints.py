@@ -216,6 +216,8 @@ class Checkpoints:
         try:
             for name, module in modules.items():
                 weights = safetensors.torch.load_file(folder / f"{name}.safetensors")
+                if not _finite(weights):
+                    raise CheckpointError(f"{folder / name}.safetensors holds non-finite weights.")
                 self.accelerator.unwrap_model(module).load_state_dict(weights)
             for name, state in states.items():
                 state.load_state_dict(_load_tensors(folder / f"{name}.pt"))
@@ -245,14 +247,17 @@ def is_intact(folder: Path) -> bool:
         read_state(folder)
         for path in folder.iterdir():
             if path.suffix == ".safetensors":
-                weights = safetensors.torch.load_file(path).values()
-                if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
+                if not _finite(safetensors.torch.load_file(path)):
                     return False
             elif path.suffix == ".pt":
                 _load_tensors(path)
     except Exception:  # any failure to read means "not intact"
         return False
     return True
+
+
+def _finite(weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 def _load_tensors(path: Path):
