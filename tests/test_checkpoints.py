@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -279,3 +280,36 @@ def test_a_resume_that_changes_the_runs_settings_is_refused(train_vae, tmp_path,
     assert sorted(path.name for path in out.rglob("*")) == files
     train_vae(out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")  # the same settings resume
     assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_a_resume_on_another_data_folder_is_refused(train_vae, image_folder, tmp_path, capsys, monkeypatch):
+    """The same folder by another relative path resumes; another folder is named with the checkpoint's."""
+    out = tmp_path / "out"
+    train_vae(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in image_folder.iterdir():
+        (other / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(SystemExit):
+        train_vae(out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--train_data_dir", str(other))
+    error = error_line(capsys)
+    assert "train_data_dir" in error and str(image_folder) in error and checkpoint_steps(out) == [1, 2]
+    monkeypatch.chdir(image_folder.parent)
+    train_vae(
+        out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--train_data_dir", image_folder.name
+    )
+    assert checkpoint_steps(out) == [1, 2, 3]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_called_intact(train_vae, tmp_path, capsys):
+    out = tmp_path / "out"
+    train_vae(out)
+    path = out / "checkpoint-2" / "model.safetensors"
+    weights = safetensors.torch.load_file(path)
+    weights[next(iter(weights))][...] = float("nan")
+    safetensors.torch.save_file(weights, path)
+    with pytest.raises(SystemExit):
+        train_vae(out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    error = error_line(capsys)
+    assert "model.safetensors" in error and "non-finite" in error
+    assert f"--resume_from_checkpoint {out / 'checkpoint-1'}" in error

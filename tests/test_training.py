@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from accelerate.utils import DistributedType
@@ -23,7 +24,7 @@ from tiny_pipelines import TINY_AUTOENCODER_KL_CONFIG
 
 from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.training import TrainConfig, VAEObjective, checkpoint_steps, train
-from diffusers_custom_vae.training.trainer import refuse_unaware_copies
+from diffusers_custom_vae.training.trainer import StopRequest, refuse_unaware_copies
 
 REPO = Path(__file__).resolve().parents[1]
 # 8x downsampling like the default model, so whole held-out images give few attention tokens.
@@ -118,21 +119,21 @@ def test_config_settings_keep_their_names_down_to_the_loss_and_the_data():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (["--resolution", "30"], r"multiples of 8, the model's downsampling factor, got \[30, 30\]; e\.g\. 24 24"),
+        (["--resolution", "30"], r"resolution.*8.*\[30, 30\]"),
         (["--resolution", "0"], "positive integers"),
         (["--train_data_dir", "a", "--dataset_name", "b"], "not both"),
-        (["--streaming", "--dataset_name", "b"], "--streaming needs --max_train_steps"),
+        (["--streaming", "--dataset_name", "b"], "--streaming.*--max_train_steps"),
         (["--rec_loss", "l3"], "l1 or l2"),
-        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
-        (["--train_data_dir", "no-such-folder"], "'no-such-folder' does not exist"),
-        (["--model_config", "no-such.json"], "Cannot read --model_config 'no-such.json'"),
-        (["--max_train_steps", "0"], "--max_train_steps must be at least 1, got 0"),
-        (["--max_train_steps", "-2"], "--max_train_steps must be at least 1, got -2"),
-        (["--num_train_epochs", "0"], "--num_train_epochs must be at least 1, got 0"),
-        (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
-        (["--lr_scheduler", "cosin"], "--lr_scheduler must be one of linear, cosine"),
-        (["--ema_decay", "1.5"], r"--ema_decay must be in \[0, 1\], got 1.5"),
-        (["--kl_scale", "-1"], "--kl_scale must be at least 0.0, got -1.0"),
+        (["--train_batch_size", "0"], "--train_batch_size.*1"),
+        (["--train_data_dir", "no-such-folder"], "no-such-folder"),
+        (["--model_config", "no-such.json"], "--model_config 'no-such.json'"),
+        (["--max_train_steps", "0"], "--max_train_steps.*1.*got 0"),
+        (["--max_train_steps", "-2"], "--max_train_steps.*1.*got -2"),
+        (["--num_train_epochs", "0"], "--num_train_epochs.*1.*got 0"),
+        (["--learning_rate", "nan"], "--learning_rate.*positive.*nan"),
+        (["--lr_scheduler", "cosin"], "--lr_scheduler.*cosine.*'cosin'"),
+        (["--ema_decay", "1.5"], r"--ema_decay.*\[0, 1\].*1.5"),
+        (["--kl_scale", "-1"], "--kl_scale.*0.0.*-1.0"),
     ],
 )
 def test_a_users_mistake_is_one_line_and_writes_nothing(bad, message, run_example, tmp_path, capsys):
@@ -151,7 +152,7 @@ def test_the_resolution_must_fit_the_models_downsampling(flags, tmp_path, run_ex
     sixteen_x.write_text(json.dumps({**TINY_8X, "block_out_channels": [8, 8, 8, 16, 16]}))
     with pytest.raises(SystemExit):
         run_example("train_vae", [*flags(tmp_path / "out"), "--model_config", str(sixteen_x), "--resolution", "24"])
-    assert "resolution must be multiples of 16" in capsys.readouterr().err
+    assert re.search("resolution.*16", capsys.readouterr().err)
 
     two_x = tmp_path / "2x.json"
     two_x.write_text(json.dumps({**TINY_8X, "block_out_channels": [8, 16]}))
@@ -162,10 +163,10 @@ def test_the_resolution_must_fit_the_models_downsampling(flags, tmp_path, run_ex
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("[8, 16]", "must hold a JSON object of config arguments.*it holds a list"),
+        ("[8, 16]", "JSON object.*list"),
         (
             '{"block_out_channel": [8, 16]}',
-            "keys CustomVAE does not take: block_out_channel. Its config arguments are",
+            "CustomVAE.*block_out_channel",
         ),
         ('{"_class_name": "UNet2DModel"}', "UNet2DModel"),
         ("{not json", "Cannot read --model_config"),
@@ -183,13 +184,13 @@ def test_a_model_config_must_be_an_object_of_known_keys(flags, tmp_path, run_exa
 def test_unaware_copies_are_refused(monkeypatch):
     """torchrun without the CPU switch starts processes that each think they are alone."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="2 processes were launched but accelerate sees 1.*ACCELERATE_USE_CPU=1"):
+    with pytest.raises(ValueError, match="2 processes.*1.*ACCELERATE_USE_CPU=1"):
         refuse_unaware_copies(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
 
 
 def test_sharded_set_ups_are_refused():
     """FSDP and DeepSpeed shard states that the trainer's checkpoints do not hold: refused, not half-supported."""
-    with pytest.raises(ValueError, match="data-parallel.*configured for FSDP"):
+    with pytest.raises(ValueError, match="data-parallel.*FSDP"):
         refuse_unaware_copies(SimpleNamespace(num_processes=1, distributed_type=DistributedType.FSDP))
 
 
@@ -216,7 +217,7 @@ def test_fewer_images_than_a_batch_is_a_clear_error(flags, tmp_path, run_example
         run_example(
             "train_vae", [*flags(tmp_path / "out"), "--train_data_dir", str(tmp_path), "--train_batch_size", "8"]
         )
-    assert "holds 2 images, fewer than one batch of 8" in capsys.readouterr().err
+    assert re.search(r"2 images.*batch of 8", capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------------------ the output folder
@@ -341,6 +342,37 @@ def test_push_uploads_only_what_the_trainer_wrote(flags, tmp_path, run_example, 
     assert not any(name.startswith(("checkpoint-", "logs")) for name in uploaded)
 
 
+def test_push_uploads_exactly_the_files_the_run_wrote_as_it_wrote_them(
+    flags, tmp_path, run_example, monkeypatch, capsys
+):
+    """`--push_to_hub > out/train.log`: a file written while the run exports (later mtime, a token inside) stays
+    home, and so does one of the run's own files changed after it was written."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    out, uploaded = tmp_path / "out", []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded.extend(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        return "https://huggingface.co/user/vae/commit/1"
+
+    original_grid = VAEObjective.comparison_grid
+
+    def grid_while_others_write(self, model, images):
+        (out / "train.log").write_text("HF_TOKEN=hf_SECRET")  # the shell's redirection, written during the run
+        with open(out / "metrics.json", "a") as metrics:  # the run's own file, changed after it was written
+            metrics.write("edited")
+        return original_grid(self, model, images)
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(VAEObjective, "comparison_grid", grid_while_others_write)
+    run_example("train_vae", [*flags(out), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "user/vae"])
+    expected = {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "training_config.json"}
+    assert set(uploaded) == expected | {"modeling_custom_vae.py", "reconstructions.png"}, uploaded
+    assert "Not pushing metrics.json" in capsys.readouterr().out
+
+
 def test_tiny_held_out_images_do_not_break_the_export(model_config, tmp_path, run_example):
     """A 1x1 or 12x12 image among the held-out ones made MS-SSIM raise after all steps: no model was saved."""
     folder = tmp_path / "tiny"
@@ -443,6 +475,54 @@ def test_non_finite_loss_stops_before_the_weights_change(flags, tmp_path, run_ex
     assert math.isfinite(CustomVAE.from_pretrained(out).config.scaling_factor)
 
 
+class NaNGradient(torch.autograd.Function):
+    """The identity forward; NaN gradients backward: a finite loss whose step would write NaN weights."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_weights_change(
+    flags, tmp_path, run_example, monkeypatch, capsys
+):
+    original_loss = VAEObjective.loss
+
+    def nan_gradients_at_step_3(self, module, images, step):
+        loss, terms = original_loss(self, module, images, step)
+        return (NaNGradient.apply(loss) if step == 2 else loss), terms
+
+    monkeypatch.setattr(VAEObjective, "loss", nan_gradients_at_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_example("train_vae", [*flags(out), "--max_train_steps", "4", "--checkpointing_steps", "1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not finite at step 3" in error and "grad_norm=nan" in error, error
+    assert checkpoint_steps(out) == [1, 2] and f"{out / 'checkpoint-2'} is intact" in error
+    weights = safetensors.torch.load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_a_stop_request_is_announced_once_and_dataloader_workers_ignore_it(capfd):
+    """Ctrl-C reaches every process of the terminal, DataLoader workers (forked, with the trainer's handler) too."""
+    with StopRequest() as stop:
+        worker = os.fork()
+        if worker == 0:  # a worker process: Ctrl-C there neither announces nor asks to stop
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if stop.requested else 0)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert os.waitpid(worker, 0)[1] >> 8 == 0
+        assert stop.requested
+    with StopRequest(announce=False) as quiet:  # another process of a multi-process run
+        os.kill(os.getpid(), signal.SIGINT)
+        assert quiet.requested
+    assert capfd.readouterr().out.count("Stopping after this step") == 1
+
+
 def test_non_finite_check_covers_every_accumulated_batch(flags, tmp_path, run_example, monkeypatch, capsys):
     """A NaN in the first of two accumulated batches is caught at the update, though the second batch is finite."""
     original_loss = VAEObjective.loss
@@ -533,7 +613,7 @@ def test_torchrun_without_the_cpu_switch_is_refused(flags, tmp_path):
         timeout=600,
     )
     assert result.returncode != 0  # torchrun reports its children's failure with its own status
-    assert "train_vae.py: error: 2 processes were launched but accelerate sees 1" in result.stderr
+    assert re.search("train_vae.py: error: 2 processes.*accelerate sees 1", result.stderr)
     assert not (out / "config.json").exists()
 
 

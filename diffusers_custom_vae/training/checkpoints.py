@@ -75,7 +75,7 @@ def run_ids(output_dir: str | os.PathLike) -> set[str]:
 
 def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
     """Raises `CheckpointError` naming each of `current`'s values that differs from the checkpoint's `recorded` one
-    (`kind`: what they are, e.g. "settings")."""
+    (`kind`: what they are, e.g. "model config")."""
     changed = [
         f"{name} {current[name]!r} (the checkpoint's: {recorded[name]!r})"
         for name in recorded
@@ -83,8 +83,8 @@ def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
     ]
     if changed:
         raise CheckpointError(
-            f"The {kind} differ from those {folder} was trained with: {'; '.join(changed)}. Resume with the "
-            "checkpoint's, or start a new run (another --output_dir) to change them."
+            f"This run's {kind} differs from the one {folder} was trained with: {'; '.join(changed)}. Resume with "
+            "the checkpoint's, or start a new run (another --output_dir) to change it."
         )
 
 
@@ -216,6 +216,8 @@ class Checkpoints:
         try:
             for name, module in modules.items():
                 weights = safetensors.torch.load_file(folder / f"{name}.safetensors")
+                if not _finite(weights):
+                    raise CheckpointError(f"{folder / name}.safetensors holds non-finite weights.")
                 self.accelerator.unwrap_model(module).load_state_dict(weights)
             for name, state in states.items():
                 state.load_state_dict(_load_tensors(folder / f"{name}.pt"))
@@ -245,14 +247,17 @@ def is_intact(folder: Path) -> bool:
         read_state(folder)
         for path in folder.iterdir():
             if path.suffix == ".safetensors":
-                weights = safetensors.torch.load_file(path).values()
-                if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
+                if not _finite(safetensors.torch.load_file(path)):
                     return False
             elif path.suffix == ".pt":
                 _load_tensors(path)
     except Exception:  # any failure to read means "not intact"
         return False
     return True
+
+
+def _finite(weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 def _load_tensors(path: Path):

@@ -6,6 +6,7 @@ or the data loader (`arguments_for`)."""
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass, field
 
 from diffusers.optimization import SchedulerType
@@ -136,7 +137,10 @@ class RunConfig:
     def shaping_settings(self) -> dict:
         """The settings that shape what is learned (all but `RUN_CONTROLS`): a checkpoint records them, and a resume
         that changes one is refused."""
-        return {name: value for name, value in self.to_json_dict().items() if name not in RUN_CONTROLS}
+        settings = {name: value for name, value in self.to_json_dict().items() if name not in RUN_CONTROLS}
+        if self.train_data_dir:  # the same folder, whichever folder the command runs in
+            settings["train_data_dir"] = os.path.abspath(self.train_data_dir)
+        return settings
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)

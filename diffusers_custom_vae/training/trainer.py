@@ -159,7 +159,7 @@ class Trainer:
             raise ValueError(f"{folder} is a {facts['objective']}: resume it with {facts['resume_with']}.")
         self.objective.check_resume(facts, folder)
         refuse_changes("model config", facts.get("model_config", {}), self._model_config(), folder)
-        refuse_changes("settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
+        refuse_changes("training settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
 
     def _model_config(self) -> dict:
         return {name: value for name, value in self.model.config.items() if not name.startswith("_")}
