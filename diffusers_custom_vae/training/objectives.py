@@ -120,8 +120,12 @@ class VAEObjective(Objective):
         return scores, [images, reconstruction]
 
     def finish(self, model, data, config):
-        if not config.train_decoder_only:  # a frozen encoder keeps its latents' statistics, and its scaling factor
+        """A trained encoder has latents of its own: a new scaling factor, and no claim to the space it started in
+        (`latent_space`, e.g. a distilled student's). A frozen encoder keeps both."""
+        if not config.train_decoder_only:
             estimate_scaling_factor(model, _training_batches(data.train, config.train_batch_size), register=True)
+            if "latent_space" in model.config:
+                model.register_to_config(latent_space=None)
 
     def evaluate(self, model, data):
         return evaluate_vae(model, data.test, desc="held-out metrics")
