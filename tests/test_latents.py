@@ -82,6 +82,15 @@ def test_register_writes_the_config_and_save_pretrained_keeps_it(wide_vae, tmp_p
     assert (reloaded.config.scaling_factor, reloaded.config.shift_factor) == (scaling_factor, shift_factor)
 
 
+def test_registering_a_new_scale_gives_up_a_recorded_latent_space(wide_vae):
+    """A distilled VAE on another scale than its space's no longer claims it: pipelines would not warn otherwise."""
+    wide_vae.register_to_config(latent_space="stable-diffusion", scaling_factor=0.18215)
+    estimate_scaling_factor(wide_vae, blocky_images(0))
+    assert (wide_vae.config.latent_space, wide_vae.config.scaling_factor) == ("stable-diffusion", 0.18215)
+    scaling_factor = estimate_scaling_factor(wide_vae, blocky_images(0), register=True)
+    assert wide_vae.config.latent_space is None and wide_vae.config.scaling_factor == scaling_factor
+
+
 @pytest.mark.parametrize(
     "images, error, message",
     [

@@ -120,12 +120,10 @@ class VAEObjective(Objective):
         return scores, [images, reconstruction]
 
     def finish(self, model, data, config):
-        """A trained encoder has latents of its own: a new scaling factor, and no claim to the space it started in
-        (`latent_space`, e.g. a distilled student's). A frozen encoder keeps both."""
+        # A trained encoder has latents of its own: a new scaling factor, which gives up any claim to the space it
+        # started in (a distilled student's `latent_space`). A frozen encoder keeps both.
         if not config.train_decoder_only:
             estimate_scaling_factor(model, _training_batches(data.train, config.train_batch_size), register=True)
-            if "latent_space" in model.config:
-                model.register_to_config(latent_space=None)
 
     def evaluate(self, model, data):
         return evaluate_vae(model, data.test, desc="held-out metrics")
