@@ -173,10 +173,10 @@ def test_the_vae_inside_a_pipelines_folder_is_a_teacher_by_subfolder(workdir, tm
     [
         (
             {**STUDENT, "latent_channels": 8},
-            r"student's latent channels \(8\) differ from those of the teacher .* \(4\)",
+            r"latent channels \(8\).*teacher.*\(4\)",
         ),
-        ({**STUDENT, "block_out_channels": [8, 8]}, r"student's downsampling factor \(2\) differ.* \(8\)"),
-        ({**TEACHER}, "The student of a distillation is a CustomVAE"),
+        ({**STUDENT, "block_out_channels": [8, 8]}, r"downsampling factor \(2\).*\(8\)"),
+        ({**TEACHER}, "student.*CustomVAE.*AutoencoderKL"),
     ],
     ids=["latent channels", "downsampling", "AutoencoderKL student"],
 )
@@ -260,9 +260,8 @@ def test_a_teacher_that_is_missing_damaged_or_not_a_vae_is_refused(workdir, teac
     ):
         error = error_of(run_example, capsys, flags(workdir, tmp_path / "out", "--teacher_vae", str(teacher_vae)))
         assert str(teacher_vae) in error and message.lower() in error.lower(), error
-    assert "--teacher_vae_subfolder needs --teacher_vae" in error_of(
-        run_example, capsys, flags(workdir, tmp_path / "out", "--teacher_vae_subfolder", "vae")
-    )
+    error = error_of(run_example, capsys, flags(workdir, tmp_path / "out", "--teacher_vae_subfolder", "vae"))
+    assert re.search("--teacher_vae_subfolder.*--teacher_vae", error)
     assert not (tmp_path / "out").exists()
 
 
@@ -321,9 +320,9 @@ def test_a_resume_needs_the_checkpoints_teacher(workdir, teacher, tmp_path, run_
     tiny_autoencoder_kl(0.5).save_pretrained(other)
     resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
     error = error_of(run_example, capsys, flags(workdir, tmp_path / "out", "--teacher_vae", str(other), *resume))
-    assert f"was distilled from '{teacher}'" in error and "has other weights" in error
+    assert str(teacher) in error and str(other) in error
     error = error_of(run_example, capsys, flags(workdir, tmp_path / "out", *resume))
-    assert f"is a distillation: resume it with its teacher, --teacher_vae {teacher}" in error
+    assert f"--teacher_vae {teacher}" in error
 
 
 @pytest.mark.slow
