@@ -80,7 +80,8 @@ def estimate_scaling_factor(
             use `(latents - shift_factor) * scaling_factor`). Stable Diffusion 1.x/2.x and SDXL pipelines ignore it.
         register (`bool`, *optional*, defaults to `False`):
             Whether to write the estimate into `vae.config` (`scaling_factor`, and `shift_factor` when `shift`), so
-            that `save_pretrained` saves it.
+            that `save_pretrained` saves it. A VAE that records the latent space it was aligned to (`latent_space`)
+            no longer claims it (`latent_space=None`): a UNet of that space expects its latents on its scale.
         generator (`torch.Generator`, *optional*): Makes the posterior sampling deterministic.
 
     Returns:
@@ -111,4 +112,6 @@ def estimate_scaling_factor(
     scaling_factor = 1.0 / moments.std
     if register:
         vae.register_to_config(scaling_factor=scaling_factor, **({"shift_factor": moments.mean} if shift else {}))
+        if vae.config.get("latent_space") is not None:
+            vae.register_to_config(latent_space=None)
     return (scaling_factor, moments.mean) if shift else scaling_factor

@@ -82,14 +82,23 @@ def test_register_writes_the_config_and_save_pretrained_keeps_it(wide_vae, tmp_p
     assert (reloaded.config.scaling_factor, reloaded.config.shift_factor) == (scaling_factor, shift_factor)
 
 
+def test_registering_a_new_scale_gives_up_a_recorded_latent_space(wide_vae):
+    """A distilled VAE on another scale than its space's no longer claims it: pipelines would not warn otherwise."""
+    wide_vae.register_to_config(latent_space="stable-diffusion", scaling_factor=0.18215)
+    estimate_scaling_factor(wide_vae, blocky_images(0))
+    assert (wide_vae.config.latent_space, wide_vae.config.scaling_factor) == ("stable-diffusion", 0.18215)
+    scaling_factor = estimate_scaling_factor(wide_vae, blocky_images(0), register=True)
+    assert wide_vae.config.latent_space is None and wide_vae.config.scaling_factor == scaling_factor
+
+
 @pytest.mark.parametrize(
     "images, error, message",
     [
-        (torch.full((2, 3, 32, 32), 255.0), ValueError, r"in \[-1, 1\], got values in \[255, 255\]"),
-        (torch.zeros(2, 1, 32, 32), ValueError, r"shape \(batch, 3, height, width\), got \(2, 1, 32, 32\)"),
+        (torch.full((2, 3, 32, 32), 255.0), ValueError, r"\[-1, 1\].*\[255, 255\]"),
+        (torch.zeros(2, 1, 32, 32), ValueError, r"\(batch, 3, height, width\).*\(2, 1, 32, 32\)"),
         ([], ValueError, "at least one batch"),
         ([{"pixel_values": torch.zeros(2, 3, 32, 32)}], TypeError, "got a batch of type dict"),
-        (torch.full((2, 3, 32, 32), float("nan")), ValueError, "images hold 6144 NaN or infinite values"),
+        (torch.full((2, 3, 32, 32), float("nan")), ValueError, "6144 NaN"),
         (
             [blocky_images(0), blocky_images(1).index_fill(2, torch.tensor([3]), float("inf"))],
             ValueError,
@@ -98,7 +107,7 @@ def test_register_writes_the_config_and_save_pretrained_keeps_it(wide_vae, tmp_p
         (
             torch.ones(2, 3, 32, 32, dtype=torch.uint8),
             TypeError,
-            r"floating-point images in \[-1, 1\], got torch.uint8",
+            r"floating-point.*torch.uint8",
         ),
     ],
     ids=["0-255 pixels", "grey images", "empty iterable", "dict batches", "NaN images", "inf in a batch", "uint8"],
@@ -113,7 +122,7 @@ def test_bad_images_are_refused_clearly(tiny_vae, images, error, message):
     "not_a_vae, got", [("user/dog-vae", "the str 'user/dog-vae'"), (None, "None")], ids=["repo id", "None"]
 )
 def test_what_is_not_a_vae_is_refused_clearly(not_a_vae, got):
-    with pytest.raises(TypeError, match=rf"estimate_scaling_factor expected a VAE .*, got {got}; load it first"):
+    with pytest.raises(TypeError, match=rf"VAE.*{got}"):
         estimate_scaling_factor(not_a_vae, blocky_images(0))
 
 
@@ -122,7 +131,7 @@ def test_non_finite_latents_are_refused_and_nothing_is_registered(wide_vae, tmp_
     """A VAE with a broken weight (or float16 overflow) encodes finite images into NaN or infinite latents."""
     with torch.no_grad():
         wide_vae.encoder.conv_out.bias[0] = bad_value
-    with pytest.raises(ValueError, match=r"latents of these images are not finite \(NaN or infinite\)"):
+    with pytest.raises(ValueError, match=r"latents.*not finite"):
         estimate_scaling_factor(wide_vae, blocky_images(0), shift=True, register=True)
     wide_vae.save_pretrained(tmp_path)
     config = (tmp_path / "config.json").read_text()

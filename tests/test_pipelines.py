@@ -193,20 +193,19 @@ class VAEWithoutBlocks(ModelMixin, ConfigMixin):
         (
             StableDiffusionPipeline,
             tiny_custom_vae(latent_channels=8),
-            r"CustomVAE has 8 latent channels, but the UNet of StableDiffusionPipeline denoises 4-channel latents\. ",
+            r"8 latent channels.*StableDiffusionPipeline.*4-channel",
         ),
         (
             StableDiffusionInpaintPipeline,
             tiny_custom_vae(latent_channels=8),
-            r"denoises 4-channel latents \(its 9 input channels are 4 \+ 4 \+ 1: noisy latents, masked-image latents ",
+            r"4-channel latents.*9 input channels are 4 \+ 4 \+ 1",
         ),
         (
             StableDiffusionXLPipeline,
             tiny_custom_vae(block_out_channels=(8,) * 5),
-            r"CustomVAE downsamples 16x \(5 entries in block_out_channels\), but StableDiffusionXLPipeline accepts "
-            r"any height and width that are multiples of 8, .*\(a 24x24 request would return 16x16\)",
+            r"16x.*block_out_channels.*StableDiffusionXLPipeline.*multiples of 8",
         ),
-        (StableDiffusionPipeline, VAEWithoutBlocks(), "this VAEWithoutBlocks has no block_out_channels"),
+        (StableDiffusionPipeline, VAEWithoutBlocks(), "VAEWithoutBlocks.*block_out_channels"),
     ],
     ids=["latent channels", "inpainting latent channels", "16x downsampling", "no block_out_channels"],
 )
@@ -223,7 +222,7 @@ def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_cl
     [
         (lambda pipe: pipe.unet, "got a UNet2DConditionModel"),
         (lambda pipe: pipe.text_encoder, "got a CLIPTextModel"),
-        (lambda pipe: "my-vae", r"got the str 'my-vae' \(load it first: CustomVAE.from_pretrained\('my-vae'\)\)"),
+        (lambda pipe: "my-vae", r"'my-vae'.*CustomVAE.from_pretrained\('my-vae'\)"),
         (lambda pipe: None, "got None"),
         (lambda pipe: pipe, "got a StableDiffusionPipeline"),
     ],
@@ -232,7 +231,7 @@ def test_incompatible_vaes_are_refused_and_the_pipeline_is_untouched(pipeline_cl
 def test_what_is_not_a_vae_is_refused_with_a_type_error_naming_it(not_a_vae, message):
     pipe = tiny_pipeline()
     old_vae, old_processor = pipe.vae, pipe.image_processor
-    with pytest.raises(TypeError, match=rf"swap_vae expected a VAE .*as `vae`, {message}"):
+    with pytest.raises(TypeError, match=rf"VAE.*`vae`.*{message}"):
         swap_vae(pipe, not_a_vae(pipe))
     assert pipe.vae is old_vae and pipe.image_processor is old_processor
 
@@ -242,12 +241,12 @@ def test_what_is_not_a_vae_is_refused_with_a_type_error_naming_it(not_a_vae, mes
     [
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", "got the str 'stable-diffusion-v1-5/stable-diffusion-v1-5'"),
         (None, "got None"),
-        (tiny_custom_vae(), r"got a CustomVAE \(the pipeline comes first: swap_vae\(pipe, vae\)\)"),
+        (tiny_custom_vae(), r"CustomVAE.*swap_vae\(pipe, vae\)"),
     ],
     ids=["repo id", "None", "arguments swapped"],
 )
 def test_what_is_not_a_pipeline_is_refused_with_a_type_error_naming_it(not_a_pipeline, message):
-    with pytest.raises(TypeError, match=rf"swap_vae expected a diffusers pipeline as `pipe`, {message}"):
+    with pytest.raises(TypeError, match=rf"pipeline.*`pipe`.*{message}"):
         swap_vae(not_a_pipeline, tiny_custom_vae())
 
 
@@ -260,7 +259,7 @@ def test_a_pipeline_without_unet_and_vae_is_refused():
         add_attention=False,
     )
     pipe = DDPMPipeline(unet, DDPMScheduler())
-    with pytest.raises(ValueError, match=r"DDPMPipeline has the components \['scheduler', 'unet'\]"):
+    with pytest.raises(ValueError, match=r"DDPMPipeline.*\['scheduler', 'unet'\]"):
         swap_vae(pipe, tiny_custom_vae())
 
 
@@ -327,7 +326,7 @@ def test_latent_space_of_known_and_unknown_vaes():
     ids=["repo id", "config dict"],
 )
 def test_latent_space_of_refuses_what_is_not_a_vae(not_a_vae, got):
-    with pytest.raises(TypeError, match=rf"latent_space_of expected a VAE .*, got {re.escape(got)}\.$"):
+    with pytest.raises(TypeError, match=rf"VAE.*{re.escape(got)}"):
         latent_space_of(not_a_vae)
 
 
@@ -442,13 +441,13 @@ def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--vae", "{saved}/vae-8-channels"], "--vae .* does not fit --pipeline .*: This CustomVAE has 8 latent"),
-        (["--height", "60"], "--height must be a positive multiple of 8 .* got 60"),
-        (["--strength", "0.5"], "--strength applies to image-to-image"),
-        (["--image", "missing.png"], "--image: Cannot read image 'missing.png'"),
-        (["--vae", "no-such-vae"], "--vae 'no-such-vae' is not a CustomVAE I can load"),
-        (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline' is not a Stable Diffusion pipeline"),
-        (["--output", "dog.jpg"], r"--output must be a \.png file, got 'dog\.jpg'"),
+        (["--vae", "{saved}/vae-8-channels"], "--vae .*--pipeline .*8 latent"),
+        (["--height", "60"], "--height.*multiple of 8.*60"),
+        (["--strength", "0.5"], "--strength.*image-to-image"),
+        (["--image", "missing.png"], "--image.*'missing.png'"),
+        (["--vae", "no-such-vae"], "--vae 'no-such-vae'.*CustomVAE"),
+        (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline'.*pipeline"),
+        (["--output", "dog.jpg"], r"--output.*\.png.*'dog\.jpg'"),
     ],
     ids=[
         "vae that doesn't fit",

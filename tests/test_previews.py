@@ -170,10 +170,10 @@ def test_each_run_starts_its_own_frames_and_the_gif_shows_them(tmp_path):
 def test_gif_needs_frames_and_a_gif_name(tmp_path):
     pipe = tiny_pipeline()
     previews = LivePreviews(pipe, sd_preview_vae(), tmp_path)
-    with pytest.raises(ValueError, match="No preview frames to make a GIF of: run the pipeline with"):
+    with pytest.raises(ValueError, match="preview frames.*GIF"):
         previews.save_gif()
     generate(pipe, steps=1, callback_on_step_end=previews)
-    with pytest.raises(ValueError, match=r"save_gif writes a \.gif file, got '.*dog\.png'"):
+    with pytest.raises(ValueError, match=r"\.gif.*'.*dog\.png'"):
         previews.save_gif(tmp_path / "dog.png")
     assert not (tmp_path / "dog.png").exists()
 
@@ -237,7 +237,7 @@ def test_previews_combine_with_other_callbacks(tmp_path):
 def test_previews_without_the_latents_say_so(tmp_path):
     pipe = tiny_pipeline()
     previews = LivePreviews(pipe, sd_preview_vae(), tmp_path)
-    with pytest.raises(ValueError, match=r"passed only \['prompt_embeds'\]: include 'latents' in callback_on_step"):
+    with pytest.raises(ValueError, match=r"\['prompt_embeds'\].*'latents'.*callback_on_step_end_tensor_inputs"):
         generate(pipe, callback_on_step_end=previews, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
@@ -275,7 +275,7 @@ def test_the_pipelines_own_vae_needs_no_warning_even_in_an_unnamed_space(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error", LatentSpaceWarning)
         LivePreviews(pipe, pipe.vae, tmp_path)
-    with pytest.warns(LatentSpaceWarning, match="decodes latents of an unnamed latent space"):
+    with pytest.warns(LatentSpaceWarning, match="unnamed latent space"):
         LivePreviews(pipe, tiny_custom_vae(), tmp_path)  # the same weights, but nothing says it is the same space
 
 
@@ -285,12 +285,11 @@ def test_the_pipelines_own_vae_needs_no_warning_even_in_an_unnamed_space(tmp_pat
         (
             lambda pipe: tiny_custom_vae(latent_channels=8, latent_space="stable-diffusion"),
             ValueError,
-            r"The preview CustomVAE has 8 latent channels, but the UNet of StableDiffusionPipeline denoises "
-            r"4-channel latents: use a preview VAE with latent_channels=4\.",
+            r"CustomVAE.*8 latent channels.*StableDiffusionPipeline.*latent_channels=4",
         ),
-        (lambda pipe: "user/sd-tiny-vae", TypeError, r"as the preview VAE, got the str 'user/sd-tiny-vae'\."),
-        (lambda pipe: None, TypeError, "as the preview VAE, got None"),
-        (lambda pipe: pipe.unet, TypeError, "as the preview VAE, got a UNet2DConditionModel"),
+        (lambda pipe: "user/sd-tiny-vae", TypeError, r"preview VAE.*'user/sd-tiny-vae'"),
+        (lambda pipe: None, TypeError, "preview VAE.*None"),
+        (lambda pipe: pipe.unet, TypeError, "preview VAE.*UNet2DConditionModel"),
     ],
     ids=["8 latent channels", "repo id", "None", "unet"],
 )
@@ -309,10 +308,10 @@ def test_a_pipeline_without_unet_and_vae_and_a_bad_every_are_refused(tmp_path):
         norm_num_groups=2,
         add_attention=False,
     )
-    with pytest.raises(ValueError, match="with a `unet` and a `vae` .*; got a DDPMPipeline"):
+    with pytest.raises(ValueError, match="`unet`.*`vae`.*DDPMPipeline"):
         LivePreviews(DDPMPipeline(unet, DDPMScheduler()), sd_preview_vae(), tmp_path)
     for every in (0, 2.5, True):
-        with pytest.raises(ValueError, match=rf"`every` must be a whole number of steps, at least 1, got {every}"):
+        with pytest.raises(ValueError, match=rf"`every`.*at least 1.*{every}"):
             LivePreviews(tiny_pipeline(), sd_preview_vae(), tmp_path, every=every)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..evaluation import evaluate_distillation
 from ..images import image_grid
-from ..latent_spaces import describe_latent_space, latent_space_identity
+from ..latent_spaces import describe_latent_space, latent_space_identity, shares_latent_space
 from ..loading import load_vae
 from ..losses import AdversarialLoss, PatchDiscriminator, ReconstructionLoss
 from ..metrics import psnr
@@ -235,6 +235,13 @@ def build_student(config: TrainConfig, teacher) -> CustomVAE:
             f"--model_config / --pretrained_model_name_or_path give a {type(student).__name__}."
         )
     teacher_name = f"the teacher {teacher_source(config)!r}"
+    if config.train_decoder_only and not shares_latent_space(student, teacher):  # its encoder would stay unaligned
+        raise ValueError(
+            f"--train_decoder_only freezes the student's encoder, which does not encode into the latent space of "
+            f"{teacher_name}: the student would claim a space it cannot encode into. Distil without "
+            "--train_decoder_only, or fine-tune the decoder of a student already distilled from this teacher "
+            "(--pretrained_model_name_or_path)."
+        )
     for what, mine, theirs in (
         ("latent channels", student.config.latent_channels, teacher.config.latent_channels),
         ("downsampling factor", downsample_factor_of(student), downsample_factor_of(teacher)),

@@ -147,8 +147,10 @@ class VAEObjective(Objective):
         return metrics
 
     def finish(self, model, data):
-        """Sets what the saved config records (the scaling factor) before saving."""
-        if not self.config.train_decoder_only:  # a frozen encoder keeps its latents' statistics and scaling factor
+        """Sets what the saved config records (the scaling factor) before saving. A trained encoder has latents of
+        its own: a new scaling factor, which gives up any claim to the space it started in (a distilled student's
+        `latent_space`). A frozen encoder keeps both."""
+        if not self.config.train_decoder_only:
             batches = _training_batches(data.train, self.config.train_batch_size)
             estimate_scaling_factor(model, batches, register=True)
 
