@@ -53,13 +53,14 @@ def cache_latents(
     The posteriors of `dataset`'s images under `vae`, encoded once and then read from the cache.
 
     Args:
-        vae (`ModelMixin`): A frozen VAE (`CustomVAE`, `AutoencoderKL`) whose `encode(x).latent_dist` has `mean` and
-            `std`; it runs in its own dtype, on `device`.
+        vae (`ModelMixin`): A frozen VAE (`CustomVAE`, `AutoencoderKL`) in eval mode whose `encode(x).latent_dist`
+            has `mean` and `std`; it runs in its own dtype.
         dataset (`ImageDataset`): The training data (`load_data(...).train`); its `fixed_view()` is encoded.
         random_flip (`bool`): Also encode each image flipped left-right; `LatentDataset` then serves either.
         cache_dir (`str`, *optional*): The folder of cache folders; defaults to `default_cache_dir()`.
         batch_size (`int`, *optional*, defaults to 16): Images per VAE call.
-        device (`str` or `torch.device`, *optional*): Where the VAE runs; defaults to its parameters' device.
+        device (`str` or `torch.device`, *optional*): Where the images go: the VAE's device (it is not moved);
+            defaults to its parameters' device.
         desc (`str`, *optional*): The progress bar's label.
 
     Returns:
