@@ -361,16 +361,16 @@ def test_push_uploads_exactly_the_files_the_run_wrote_as_it_wrote_them(
 
     def grid_while_others_write(self, model, images):
         (out / "train.log").write_text("HF_TOKEN=hf_SECRET")  # the shell's redirection, written during the run
-        with open(out / "metrics.json", "a") as metrics:  # the run's own file, changed after it was written
-            metrics.write("edited")
+        with open(out / "training_config.json", "a") as settings:  # the run's own file, changed after it was written
+            settings.write("edited")
         return original_grid(self, model, images)
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(VAEObjective, "comparison_grid", grid_while_others_write)
     run_example("train_vae", [*flags(out), "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "user/vae"])
-    expected = {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "training_config.json"}
+    expected = {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "metrics.json"}
     assert set(uploaded) == expected | {"modeling_custom_vae.py", "reconstructions.png"}, uploaded
-    assert "Not pushing metrics.json" in capsys.readouterr().out
+    assert "Not pushing training_config.json" in capsys.readouterr().out
 
 
 def test_tiny_held_out_images_do_not_break_the_export(model_config, tmp_path, run_example):

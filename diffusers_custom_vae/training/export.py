@@ -112,11 +112,11 @@ def write_output_folder(model, objective, data, config: RunConfig, num_processes
     output_dir = Path(config.output_dir)
     written = WrittenFiles(output_dir)
     model.eval()
+    written.write("training_config.json", (json.dumps(config.to_json_dict(), indent=2) + "\n").encode())
     training = training_summary(config, objective, num_processes, throughput)
     metrics = objective.save(model, data, written, training)  # the model first, then its grid and card
     summary = {**metrics, "split": data.test_description, "images": len(data.test), **throughput}
     written.write("metrics.json", (json.dumps(summary, indent=2) + "\n").encode())
-    written.write("training_config.json", (json.dumps(config.to_json_dict(), indent=2) + "\n").encode())
     print(
         f"Held-out {data.test_description}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
