@@ -1,4 +1,6 @@
 import io
+import json
+import math
 import os
 import random
 from pathlib import Path
@@ -7,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from image_files import bomb_png, write_bomb_png
 from PIL import Image
 
 from diffusers_custom_vae.data import (
@@ -48,12 +51,12 @@ GOOD_FILES = [
     "palette.png",
     "transparent.png",
 ]
-BAD_FILES = ["broken.jpg", "cats/truncated.jpeg"]
+BAD_FILES = ["broken.jpg", "cats/truncated.jpeg", "dogs/bomb.png"]
 
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
-    """Nested class folders: good files in 4 formats and 4 modes, 2 bad files, and files that must be ignored."""
+    """Nested class folders: good files in 4 formats and 4 modes, 3 bad files, and files that must be ignored."""
     root = tmp_path / "images"
     for name in ("cats/a.jpg", "cats/b.JPG", "dogs/puppies/c.png", "dogs/d.webp", "e.bmp"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,7 @@ def image_folder(tmp_path: Path) -> Path:
     Image.new("RGBA", (48, 36), (255, 0, 0, 0)).save(root / "transparent.png")  # fully transparent red
     (root / "broken.jpg").write_bytes(b"not an image at all" * 10)
     (root / "cats/truncated.jpeg").write_bytes(jpeg_bytes()[:400])
+    write_bomb_png(root / "dogs/bomb.png")  # a decompression bomb
     (root / "notes.txt").write_text("not an image")
     (root / ".hidden").mkdir()
     (root / ".hidden/x.png").write_bytes(b"junk")
@@ -90,7 +94,7 @@ def test_folder_loads_every_good_image_and_skips_bad_ones(image_folder):
         height, width = splits.test[i].shape[1:]
         assert height % 8 == 0 and width % 8 == 0 and 0 < height <= 40 and 0 < width <= 64
     assert splits.validation.shape == (min(4, len(splits.test)), 3, 16, 16)
-    assert "2 unreadable files skipped" in splits.description
+    assert "3 unreadable files skipped" in splits.description
     assert len(list(splits.test)) == len(splits.test)  # iteration ends
 
 
@@ -114,7 +118,7 @@ def test_dataloader_workers_skip_a_file_broken_after_the_check(image_folder):
     assert sum(len(batch) for batch in batches) == len(splits.train)  # another image took its place
     assert all(batch.shape[1:] == (3, 16, 24) for batch in batches)
     skipped = [path for path, _ in splits.skipped]
-    assert len(skipped) == 3 and str(broken_later) in skipped  # marked in a worker, seen here
+    assert len(skipped) == 4 and str(broken_later) in skipped  # marked in a worker, seen here
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "no_images", "only_unreadable"])
@@ -223,6 +227,24 @@ def test_local_hf_dataset_streaming_uses_its_test_split(tmp_path):
     assert len(splits.test) == 2 and splits.validation.shape == (2, 3, 16, 16)
     batches = list(torch.utils.data.DataLoader(splits.train, batch_size=3))
     assert [tuple(batch.shape) for batch in batches] == [(3, 3, 16, 16), (1, 3, 16, 16)]
+
+
+def test_decompression_bomb_rows_are_skipped_and_reported_as_unreadable_files_are(
+    tmp_path, run_example, capsys, tiny_config
+):
+    """A bomb in a --dataset_name dataset stopped training with a traceback; image folders already skipped them."""
+    bomb = {"bytes": bomb_png(), "path": None}
+    path = save_dataset(tmp_path / "ds", [*[rgb_image(24, 32)] * 3, bomb], test_images=[bomb, rgb_image(24, 32)])
+    streamed = load_data(dataset_name=path, resolution=16, streaming=True)
+    assert len(list(streamed.train)) == 3 and len(streamed.skipped) == 1
+
+    model_config = tmp_path / "tiny.json"
+    model_config.write_text(json.dumps(tiny_config))
+    flags = f"--resolution 16 --train_batch_size 4 --max_train_steps 1 --report_to none --model_config {model_config}"
+    out = tmp_path / "out"
+    metrics = run_example("train_vae", [*flags.split(), "--dataset_name", path, "--output_dir", str(out)])
+    assert math.isfinite(metrics["psnr"]) and (out / "config.json").is_file()
+    assert "Skipped 2 unreadable image file(s)" in capsys.readouterr().out  # one training row, one test row
 
 
 def paint(photo_shape: tuple[int, int], validation_red: bool) -> np.ndarray:

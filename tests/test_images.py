@@ -3,12 +3,14 @@ are scaled to 8 bits, not clipped; alpha and transparent colours are composited 
 same images in memory, `tensor_to_pil` and `crop_to_multiple` refusing what they cannot convert, and the grid of
 originals above reconstructions."""
 
+import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from image_files import bomb_png, png_chunk, write_bomb_png
 from PIL import Image
 
 from diffusers_custom_vae.images import crop_to_multiple, image_grid, load_image, pil_to_tensor, tensor_to_pil
@@ -23,12 +25,8 @@ def write_png(path, samples: np.ndarray, colour_type: int):
     Colour types: 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
     height, width = samples.shape[:2]
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter 0 before each row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    png = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
 
 
@@ -104,6 +102,14 @@ def test_values_of_an_unknown_scale_are_refused_naming_the_file_and_range(tmp_pa
     Image.fromarray(values).save(tmp_path / "odd.tiff")
     with pytest.raises(ValueError, match=rf"Cannot read image '.*odd.tiff': a {message}"):
         load_image(tmp_path / "odd.tiff")
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    """PIL raises `DecompressionBombError`, which is not an OSError: it escaped as a traceback."""
+    with pytest.raises(ValueError, match=r"'.*bomb\.png'.*decompression bomb"):
+        load_image(write_bomb_png(tmp_path / "bomb.png"))
+    with pytest.raises(ValueError, match=r"'image data'.*decompression bomb"):
+        load_image(io.BytesIO(bomb_png()))  # a dataset row's bytes
 
 
 @pytest.mark.parametrize(

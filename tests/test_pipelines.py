@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from image_files import write_bomb_png
 from PIL import Image
 from tiny_pipelines import (
     INPAINT_PIPELINES,
@@ -355,6 +356,7 @@ def saved(tmp_path_factory) -> Path:
     tiny_custom_vae(block_out_channels=(8, 8)).save_pretrained(folder / "vae")
     tiny_custom_vae(latent_channels=8).save_pretrained(folder / "vae-8-channels")
     Image.new("RGB", (48, 40), "teal").save(folder / "init.png")
+    write_bomb_png(folder / "bomb.png")
     return folder
 
 
@@ -384,6 +386,7 @@ def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline
         (["--height", "60"], "--height must be a positive multiple of 8 .* got 60"),
         (["--strength", "0.5"], "--strength applies to image-to-image"),
         (["--image", "missing.png"], "--image: Cannot read image 'missing.png'"),
+        (["--image", "{saved}/bomb.png"], r"--image: .*'.*bomb\.png'.*decompression bomb"),
         (["--vae", "no-such-vae"], "--vae 'no-such-vae' is not a CustomVAE I can load"),
         (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline' is not a Stable Diffusion pipeline"),
         (["--output", "dog.jpg"], r"--output must be a \.png file, got 'dog\.jpg'"),
@@ -393,6 +396,7 @@ def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline
         "size",
         "strength without image",
         "missing image",
+        "decompression bomb",
         "missing vae",
         "missing pipeline",
         "not png",
