@@ -248,7 +248,7 @@ def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
 
 def test_lpips_unavailable_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails, as it does without the package
-    with pytest.raises(ImportError, match="pip install lpips"):
+    with pytest.raises(ImportError, match="perceptual_scale .*pip install lpips"):  # the setting's real name
         VAELoss(perceptual_scale=1.0)
 
     def offline_lpips(**kwargs):
