@@ -7,6 +7,7 @@ training run whose loss is no longer finite). Anything else is a bug of ours, an
 
 import argparse
 import contextlib
+from collections.abc import Callable
 
 USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 
@@ -21,3 +22,20 @@ def one_line_errors(parser: argparse.ArgumentParser):
         parser.exit(130)
     except USER_ERRORS as error:
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
+
+
+def checked(kind: Callable, valid: Callable, expected: str) -> Callable:
+    """An argparse `type`: the flag's text read by `kind` and kept if `valid`, else refused in one line naming the
+    flag, before anything is loaded: `type=checked(int, lambda n: n >= 1, "at least 1")` gives
+    `prog: error: argument --steps: expected at least 1, got 0`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+            if valid(value):
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+
+    return parse

@@ -13,13 +13,13 @@ def load_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """Opens an image (a path or a binary file object) as 8-bit RGB: EXIF rotation applied, then converted by
     `to_rgb` (greyscale, palette, 16-bit and float converted, alpha and transparent colours composited onto white).
 
-    Raises `ValueError` naming the file when it is missing, truncated, not an image, or of values outside the range
-    `to_rgb` expects.
+    Raises `ValueError` naming the file when it is missing, truncated, not an image, of values outside the range
+    `to_rgb` expects, or a decompression bomb (more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels).
     """
     try:
         with Image.open(path) as image:
             return to_rgb(ImageOps.exif_transpose(image))  # converting reads every pixel: truncated files fail here
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "image data")
         raise ValueError(f"Cannot read image {name!r}: {error}") from error
 

@@ -330,8 +330,8 @@ def _load_lpips(net: str) -> nn.Module:
         import lpips
     except Exception as error:  # ImportError, or the RuntimeError of a torchvision that doesn't fit torch
         raise ImportError(
-            f"lpips_weight > 0 needs the `lpips` package: `pip install lpips`, with a torchvision built for your "
-            f"torch ({torch.__version__}). Importing it failed: {error!r}"
+            f"perceptual_scale > 0 (--perceptual_scale) needs the `lpips` package: `pip install lpips`, with a "
+            f"torchvision built for your torch ({torch.__version__}). Importing it failed: {error!r}"
         ) from error
     try:
         return lpips.LPIPS(net=net, use_dropout=False, verbose=False).requires_grad_(False).eval()

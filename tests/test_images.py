@@ -3,12 +3,15 @@ are scaled to 8 bits, not clipped; alpha and transparent colours are composited 
 same images in memory, `tensor_to_pil` and `crop_to_multiple` refusing what they cannot convert, and the grid of
 originals above reconstructions."""
 
+import io
+import re
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from image_files import bomb_png, png_chunk, write_bomb_png
 from PIL import Image
 
 from diffusers_custom_vae.images import crop_to_multiple, image_grid, load_image, pil_to_tensor, tensor_to_pil
@@ -23,12 +26,8 @@ def write_png(path, samples: np.ndarray, colour_type: int):
     Colour types: 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
     height, width = samples.shape[:2]
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter 0 before each row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    png = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
 
 
@@ -94,16 +93,24 @@ def test_float_images_in_0_1_are_scaled(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        (np.array([[0.0, 2.5]], dtype=np.float32), r"mode F .*values in \[0, 2.5\]; expected \[0, 1\]"),
+        (np.array([[0.0, 2.5]], dtype=np.float32), r"mode F .*\[0, 2.5\].*\[0, 1\]"),
         (np.array([[0.0, np.nan]], dtype=np.float32), r"mode F .*NaN or infinite"),
-        (np.array([[-1, 70000]], dtype=np.int32), r"mode I .*values in \[-1, 70000\]; expected \[0, 65535\]"),
+        (np.array([[-1, 70000]], dtype=np.int32), r"mode I .*\[-1, 70000\].*\[0, 65535\]"),
     ],
     ids=["float beyond 1", "float NaN", "integers beyond 16 bits"],
 )
 def test_values_of_an_unknown_scale_are_refused_naming_the_file_and_range(tmp_path, values, message):
     Image.fromarray(values).save(tmp_path / "odd.tiff")
-    with pytest.raises(ValueError, match=rf"Cannot read image '.*odd.tiff': a {message}"):
+    with pytest.raises(ValueError, match=rf"'.*odd\.tiff'.*{message}"):
         load_image(tmp_path / "odd.tiff")
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    """PIL raises `DecompressionBombError`, which is not an OSError: it escaped as a traceback."""
+    with pytest.raises(ValueError, match=r"'.*bomb\.png'.*decompression bomb"):
+        load_image(write_bomb_png(tmp_path / "bomb.png"))
+    with pytest.raises(ValueError, match=r"'image data'.*decompression bomb"):
+        load_image(io.BytesIO(bomb_png()))  # a dataset row's bytes
 
 
 @pytest.mark.parametrize(
@@ -152,9 +159,9 @@ def test_pil_to_tensor_converts_as_load_image_does(tmp_path, image, levels):
 
 
 def test_pil_to_tensor_refuses_what_it_cannot_convert():
-    with pytest.raises(TypeError, match=r"pil_to_tensor expected a PIL image, got a numpy.ndarray"):
+    with pytest.raises(TypeError, match=r"PIL image.*numpy.ndarray"):
         pil_to_tensor(np.zeros((4, 4, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"pil_to_tensor cannot convert .*mode F image with values in \[0, 2.5\]"):
+    with pytest.raises(ValueError, match=r"mode F.*\[0, 2.5\]"):
         pil_to_tensor(Image.fromarray(np.array([[0.0, 2.5]], dtype=np.float32)))
 
 
@@ -169,30 +176,30 @@ def test_tensor_to_pil_round_trips_pil_to_tensor():
         (
             torch.full((3, 2, 2), 255, dtype=torch.uint8),
             TypeError,
-            r"floating-point tensor .*got a torch.uint8 tensor",
+            r"floating-point.*torch.uint8",
         ),
-        (torch.tensor([[[0.0, float("nan")]]]).expand(3, 1, 2), ValueError, r"got 3 NaN or infinite values"),
-        (torch.tensor([[[[0.0, float("inf")]]]]).expand(2, 3, 1, 2), ValueError, r"got 6 NaN or infinite values"),
-        (torch.zeros(1, 4, 4), ValueError, r"shape \(3, H, W\) or \(B, 3, H, W\), got \(1, 4, 4\)"),
-        (np.zeros((3, 4, 4), dtype=np.float32), TypeError, r"got a numpy.ndarray"),
+        (torch.tensor([[[0.0, float("nan")]]]).expand(3, 1, 2), ValueError, r"3 NaN or infinite"),
+        (torch.tensor([[[[0.0, float("inf")]]]]).expand(2, 3, 1, 2), ValueError, r"6 NaN or infinite"),
+        (torch.zeros(1, 4, 4), ValueError, r"\(3, H, W\).*\(1, 4, 4\)"),
+        (np.zeros((3, 4, 4), dtype=np.float32), TypeError, r"numpy.ndarray"),
     ],
     ids=["uint8 (would be white)", "NaN (would be black)", "inf", "one channel", "numpy"],
 )
 def test_tensor_to_pil_refuses_what_would_become_garbage(images, error, message):
-    with pytest.raises(error, match=rf"tensor_to_pil expected .*{message}"):
+    with pytest.raises(error, match=message):
         tensor_to_pil(images)
 
 
 @pytest.mark.parametrize("multiple", [0, -8, 2.0, True], ids=["0", "negative", "float", "bool"])
 def test_crop_to_multiple_refuses_a_multiple_that_is_not_a_positive_int(multiple):
-    with pytest.raises(ValueError, match=rf"crop_to_multiple needs a positive int as `multiple`, got {multiple!r}"):
+    with pytest.raises(ValueError, match=rf"positive int.*{re.escape(repr(multiple))}"):
         crop_to_multiple(torch.zeros(3, 16, 16), multiple)
 
 
 def test_crop_to_multiple_crops_the_centre_and_refuses_images_smaller_than_the_multiple():
     images = torch.arange(2 * 11 * 13, dtype=torch.float32).reshape(2, 1, 11, 13)
     assert torch.equal(crop_to_multiple(images, 4), images[..., 1:9, 0:12])
-    with pytest.raises(ValueError, match=r"images of 11x13 pixels are smaller than the multiple 16: nothing remains"):
+    with pytest.raises(ValueError, match=r"11x13.*multiple 16"):
         crop_to_multiple(images, 16)
 
 
@@ -215,5 +222,5 @@ def test_image_grid_puts_each_batch_in_a_row_on_white_padding(padding):
 def test_image_grid_refuses_batches_of_different_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\), \(3, 3, 8, 8\)"):
         image_grid([torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8)])
-    with pytest.raises(TypeError, match=r"image_grid needs \(B, 3, H, W\) tensors, got a PIL.Image.Image"):
+    with pytest.raises(TypeError, match=r"\(B, 3, H, W\).*PIL.Image.Image"):
         image_grid([Image.new("RGB", (8, 8))])

@@ -200,8 +200,9 @@ def test_discriminator_save_pretrained_round_trip(norm, tmp_path):
     public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
     assert public(loaded.config) == public(discriminator.config) != {}
     images = torch.rand(2, 3, 16, 16)
-    assert torch.equal(loaded(images), discriminator(images))
-    assert discriminator(images).shape == (2, 1, 2, 2)  # 16 / 2**2 - 2
+    logits = discriminator(images)
+    assert torch.equal(loaded(images), logits)
+    assert logits.shape == (2, 1, 2, 2) and torch.isfinite(logits).all()  # 16 / 2**2 - 2
 
 
 def test_discriminator_is_initialised_as_in_pix2pix():
@@ -210,19 +211,20 @@ def test_discriminator_is_initialised_as_in_pix2pix():
     conv, norm = discriminator.layers[2], discriminator.layers[3]
     assert conv.weight.std().item() == pytest.approx(0.02, rel=0.05) and conv.bias is None
     assert norm.weight.mean().item() == pytest.approx(1.0, abs=0.01) and torch.all(norm.bias == 0)
-    assert discriminator(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)  # pix2pix's 70x70 PatchGAN
+    logits = discriminator(torch.zeros(1, 3, 256, 256))
+    assert logits.shape == (1, 1, 30, 30) and torch.isfinite(logits).all()  # pix2pix's 70x70 PatchGAN
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
         (dict(rec_loss="l3"), "'l3'"),
-        (dict(kl_scale=-1e-6), "kl_scale must be >= 0, got -1e-06"),
-        (dict(ms_ssim_scale=float("nan")), "ms_ssim_scale must be >= 0, got nan"),
-        (dict(perceptual_scale=-0.1), "perceptual_scale must be >= 0"),
-        (dict(kl_warmup_steps=-5), "kl_warmup_steps must be >= 0, got -5"),
-        (dict(disc_scale=-0.5, discriminator=PatchDiscriminator(base_channels=8)), "disc_scale must be >= 0"),
-        (dict(disc_scale=0.5), "needs both disc_scale > 0 and a discriminator"),
+        (dict(kl_scale=-1e-6), "kl_scale.*>= 0.*-1e-06"),
+        (dict(ms_ssim_scale=float("nan")), "ms_ssim_scale.*>= 0.*nan"),
+        (dict(perceptual_scale=-0.1), "perceptual_scale.*>= 0"),
+        (dict(kl_warmup_steps=-5), "kl_warmup_steps.*>= 0.*-5"),
+        (dict(disc_scale=-0.5, discriminator=PatchDiscriminator(base_channels=8)), "disc_scale.*>= 0"),
+        (dict(disc_scale=0.5), "disc_scale > 0.*discriminator"),
         (dict(discriminator=PatchDiscriminator(base_channels=8)), "got disc_scale=0.0"),
         (dict(perceptual_scale=1.0, lpips_net="resnet"), "'resnet'"),
     ],
@@ -235,7 +237,7 @@ def test_invalid_options_are_refused(options, match):
 def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
     with pytest.raises(ValueError, match="norm must be one of"):
         PatchDiscriminator(norm="instance")
-    with pytest.raises(ValueError, match="at least 24x24 pixels, got \\(16, 16\\)"):
+    with pytest.raises(ValueError, match="24x24.*\\(16, 16\\)"):
         PatchDiscriminator(base_channels=8)(images)
     loss_fn = VAELoss(disc_scale=0.5, disc_start=100, discriminator=tiny_discriminator())
     with pytest.raises(ValueError, match="needs last_layer"):  # at step 0, not only once disc_start is reached
@@ -248,7 +250,7 @@ def test_invalid_discriminator_and_calls_are_refused(tiny_vae, images):
 
 def test_lpips_unavailable_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` fails, as it does without the package
-    with pytest.raises(ImportError, match="pip install lpips"):
+    with pytest.raises(ImportError, match="perceptual_scale .*pip install lpips"):  # the setting's real name
         VAELoss(perceptual_scale=1.0)
 
     def offline_lpips(**kwargs):

@@ -21,6 +21,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from image_files import write_bomb_png
 from PIL import Image
 from tiny_pipelines import (
     INPAINT_PIPELINES,
@@ -416,6 +417,7 @@ def saved(tmp_path_factory) -> Path:
     tiny_custom_vae(block_out_channels=(8, 8)).save_pretrained(folder / "vae")
     tiny_custom_vae(latent_channels=8).save_pretrained(folder / "vae-8-channels")
     Image.new("RGB", (48, 40), "teal").save(folder / "init.png")
+    write_bomb_png(folder / "bomb.png")
     return folder
 
 
@@ -441,19 +443,25 @@ def test_example_generates_a_png_of_the_requested_size(saved, tmp_path, pipeline
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--vae", "{saved}/vae-8-channels"], "--vae .*--pipeline .*8 latent"),
-        (["--height", "60"], "--height.*multiple of 8.*60"),
-        (["--strength", "0.5"], "--strength.*image-to-image"),
-        (["--image", "missing.png"], "--image.*'missing.png'"),
-        (["--vae", "no-such-vae"], "--vae 'no-such-vae'.*CustomVAE"),
-        (["--pipeline", "no-such-pipeline"], "--pipeline 'no-such-pipeline'.*pipeline"),
-        (["--output", "dog.jpg"], r"--output.*\.png.*'dog\.jpg'"),
+        (["--vae", "{saved}/vae-8-channels"], "CustomVAE has 8 latent channels"),
+        (["--height", "60"], "--height: .*multiple of 8.*60"),
+        (["--steps", "0"], "--steps: .*at least 1.*0"),
+        (["--strength", "0.5"], "--strength .*--image"),
+        (["--image", "{saved}/init.png", "--strength", "1.5"], r"--strength: .*\(0, 1\].*1\.5"),
+        (["--image", "missing.png"], "image 'missing.png'"),
+        (["--image", "{saved}/bomb.png"], r"'.*bomb\.png'.*decompression bomb"),
+        (["--vae", "no-such-vae"], "no-such-vae.*config.json"),
+        (["--pipeline", "no-such-pipeline"], "no-such-pipeline.*model_index.json"),
+        (["--output", "dog.jpg"], r"--output: .*\.png.*dog\.jpg"),
     ],
     ids=[
         "vae that doesn't fit",
         "size",
+        "steps",
         "strength without image",
+        "strength beyond 1",
         "missing image",
+        "decompression bomb",
         "missing vae",
         "missing pipeline",
         "not png",
@@ -465,4 +473,4 @@ def test_example_refuses_bad_arguments_clearly(saved, tmp_path, capsys, extra, m
     with pytest.raises(SystemExit) as exit_info:
         load_example().main(argv)
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and re.search(f"error: {message}", error), error
+    assert exit_info.value.code == 2 and re.search(f"error: .*{message}", error.splitlines()[-1]), error

@@ -368,20 +368,17 @@ def test_example_previews_sdxl_image_to_image_with_a_custom_vae_and_folder(load_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--preview_every", "0"], r"--preview_every applies to live previews: give --preview_vae too\."),
-        (["--preview_gif", "--preview_dir", "x"], "--preview_dir, --preview_gif apply to live previews"),
-        (["--preview_vae", "{saved}/sd-preview", "--preview_every", "0"], "--preview_every must be at least 1, got 0"),
-        (["--preview_vae", "{saved}/init.png"], r"--preview_vae .*init\.png' is not a VAE I can load: "),
-        (["--preview_vae", "no-such-vae"], "--preview_vae 'no-such-vae' is not a VAE I can load: "),
-        (
-            ["--preview_vae", "{saved}/preview-8-channels"],
-            "--preview_vae .* does not fit --pipeline .*: The preview CustomVAE has 8 latent channels, but the UNet",
-        ),
+        (["--preview_every", "2"], "--preview_every .*--preview_vae"),
+        (["--preview_gif", "--preview_dir", "x"], "--preview_dir, --preview_gif .*--preview_vae"),
+        (["--preview_vae", "{saved}/sd-preview", "--preview_every", "0"], "--preview_every: .*at least 1.*0"),
+        (["--preview_vae", "{saved}/init.png"], r"init\.png .*not a folder"),
+        (["--preview_vae", "no-such-vae"], "no-such-vae.*config.json"),
+        (["--preview_vae", "{saved}/preview-8-channels"], "preview CustomVAE has 8 latent channels.*UNet"),
         (
             ["--preview_vae", "{saved}/sd-preview", "--preview_dir", "{saved}/init.png"],
-            "--preview_dir must be a folder, but",
+            r"--preview_dir: .*folder.*init\.png",
         ),
-        (["--vae", "no-such-vae"], "--vae 'no-such-vae' is not a CustomVAE I can load"),
+        (["--vae", "no-such-vae"], "no-such-vae.*config.json"),
     ],
     ids=[
         "every without vae",
@@ -398,7 +395,7 @@ def test_example_refuses_bad_preview_arguments_in_one_line(load_example, saved, 
     with pytest.raises(SystemExit) as exit_info:
         run_example(load_example, saved, tmp_path / "out" / "dog.png", *extra)
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and re.fullmatch(f"\\S+: error: {message}.*", error), error
+    assert exit_info.value.code == 2 and re.fullmatch(f"\\S+: error: .*{message}.*", error), error
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

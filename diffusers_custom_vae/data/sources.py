@@ -225,7 +225,8 @@ def dataset_splits(
         ImageDataset(held_out, options.validation_transform, read, label=held_out_label), options
     )
     dataset = f"`{name}`" + (f" ({config_name})" if config_name else "")
-    held_out_from = f"the {test_key!r} split" if test_key else f"rows held out from the {train_key!r} split"
+    drawn = "by content" if streaming else f"with seed {options.seed}"
+    held_out_from = f"the {test_key!r} split" if test_key else f"rows held out {drawn} from the {train_key!r} split"
     return DataSplits(
         train=train,
         validation=validation,
