@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.tutorial import VAE
 from diffusers_custom_vae import CustomVAE, convert_tutorial_checkpoint
-from diffusers_custom_vae.tutorial import VAE
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def pickles(folder) -> dict:
     return {
         "torch.save(model)": (
             lambda path, model: torch.save(model, path),  # instead of torch.save(model.state_dict(), path)
-            r"diffusers_custom_vae\.tutorial\.Decoder",
+            r"benchmarks\.tutorial\.Decoder",
         ),
         "code": (lambda path, _: torch.save({"weight": weight, "hook": hook}, path), r"refers to os\.makedirs\."),
         "code, legacy format": (

@@ -1,5 +1,5 @@
 """CustomVAE's behaviour: shapes, the diffusers contract, gradients, slicing, tiling, and agreement with the
-tutorial's own classes (`diffusers_custom_vae/tutorial.py`). Tiny configs unless the point is the default
+tutorial's own classes (`benchmarks/tutorial.py`). Tiny configs unless the point is the default
 architecture."""
 
 import copy
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from diffusers_custom_vae import CustomVAE, CustomVAEOutput, tutorial
+from benchmarks import tutorial
+from diffusers_custom_vae import CustomVAE, CustomVAEOutput
 from diffusers_custom_vae.modeling_custom_vae import (
     AttentionBlock,
     AutoencoderKLOutput,
