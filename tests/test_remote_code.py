@@ -64,9 +64,9 @@ def test_save_pipeline_names_the_vae_by_its_modeling_file(tmp_path):
     pipe = tiny_pipeline()
     with pytest.warns(LatentSpaceWarning):
         swap_vae(pipe, tiny_custom_vae())
-    with pytest.raises(ValueError, match="upload with diffusers_custom_vae.push_pipeline_to_hub"):
+    with pytest.raises(ValueError, match="push_pipeline_to_hub"):
         save_pipeline(pipe, tmp_path, push_to_hub=True)  # would upload before model_index.json is fixed
-    with pytest.raises(TypeError, match=r"save_pipeline expected a diffusers pipeline as `pipe`, got a CustomVAE"):
+    with pytest.raises(TypeError, match="pipe.*CustomVAE"):
         save_pipeline(pipe.vae, tmp_path)  # wrote the VAE's folder, then failed on the missing model_index.json
     assert list(tmp_path.iterdir()) == []
     save_pipeline(pipe, tmp_path)
