@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from diffusers.utils.accelerate_utils import apply_forward_hook
-from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open  # a requirement of diffusers
 from torch import nn
 
@@ -272,7 +271,8 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
 
     This model inherits from [`ModelMixin`]: `save_pretrained`, `from_pretrained` and `push_to_hub` work as for
-    diffusers' own models. Defaults give the tutorial's architecture (8x downsampling, 4 latent channels).
+    diffusers' own models (`diffusers_custom_vae.push_vae_to_hub` uploads it with the package's model card). Defaults
+    give the tutorial's architecture (8x downsampling, 4 latent channels).
 
     Parameters:
         in_channels (`int`, *optional*, defaults to 3): Number of channels in the input image.
@@ -581,67 +581,6 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         # `auto_map` (written by `save_config`) is for diffusers' AutoModel, not an argument of __init__: without this,
         # every load would warn that the config has an unexpected attribute.
         return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
-
-    # How `push_to_hub` renders a model card when it is given none and the repo has none: a function
-    # `(vae, repo_id=...) -> huggingface_hub.ModelCard`. The diffusers_custom_vae package sets its own (its template,
-    # filled from the config) when it is imported; this file cannot import the package, since it also runs as remote
-    # code where the package is absent, and there `push_to_hub` falls back to diffusers' own, with its generic card.
-    model_card_renderer = None
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        model_card=None,
-    ) -> str:
-        r"""
-        Upload the config, the weights, this modeling file (for remote-code loading, see `save_config`) and a model
-        card (README.md) to the Hub, in one commit.
-
-        Args:
-            repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
-            commit_message (`str`, *optional*), private (`bool`, *optional*), token (`str`, *optional*),
-            create_pr (`bool`, *optional*, defaults to `False`): As in `huggingface_hub.HfApi.upload_folder`.
-            safe_serialization (`bool`, *optional*, defaults to `True`), variant (`str`, *optional*):
-                As in `save_pretrained`.
-            model_card (`huggingface_hub.ModelCard`, *optional*):
-                The card to upload. By default a card already in the repo is kept, else one is rendered from the
-                package's template (`model_card_renderer`).
-
-        Returns:
-            `str`: the URL of the commit.
-        """
-        render = type(self).model_card_renderer
-        if model_card is None and render is None:  # remote code without the package: diffusers' push and card
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                safe_serialization=safe_serialization,
-                variant=variant,
-            )
-        api = HfApi(token=token)  # the token goes to huggingface_hub only; it is never printed or written
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if model_card is None and not api.file_exists(repo_id, "README.md"):  # a card there may hold metrics: kept
-            model_card = render(self, repo_id=repo_id)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            if model_card is not None:
-                model_card.save(os.path.join(folder, "README.md"))
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload CustomVAE",
-                create_pr=create_pr,
-            )
-        return str(commit)
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
