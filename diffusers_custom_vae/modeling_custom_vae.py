@@ -790,16 +790,26 @@ def _open_weights(path: str):
 
 
 def _refuse_unsafe_pickle(path: str):
-    find_unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if find_unsafe_globals is None or not zipfile.is_zipfile(path):
-        return
-    unsafe = find_unsafe_globals(path)  # reads the pickle's instructions, runs none of them
-    if unsafe:
+    if unsafe := unsafe_pickle_globals(path):
         raise OSError(
             f"{path} is a pickle that holds Python objects besides tensors ({', '.join(unsafe[:5])}). It was refused "
             "for safety: unpickling it could run any code. If you trust it, load it yourself and save the weights "
             "with save_pretrained (safetensors)."
         )
+
+
+def unsafe_pickle_globals(path) -> list[str] | None:
+    """The Python objects (`module.name`) that loading the torch.save file at `path` would construct besides tensors
+    and plain values, read without running any of them: `[]` for none; `None` when torch cannot list them (a file that
+    is not a torch.save zip archive: an older torch.save format, a plain pickle, a damaged file; or torch < 2.5).
+    The package's loaders all ask this one function (`conversion.py`, `training/checkpoints.py`)."""
+    find_unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if find_unsafe_globals is None or not zipfile.is_zipfile(path):
+        return None
+    try:
+        return sorted(find_unsafe_globals(path))
+    except Exception:  # a zip archive, but not one torch.save wrote
+        return None
 
 
 def _check_config(config):

@@ -71,12 +71,12 @@ def pickles(folder) -> dict:
             r"benchmarks\.tutorial\.Decoder",
         ),
         "code": (lambda path, _: torch.save({"weight": weight, "hook": hook}, path), r"refers to os\.makedirs\."),
-        "code, legacy format": (
+        "code, legacy format": (  # torch lists the objects of its zip archives only: the refusal names the pickle
             lambda path, _: torch.save({"weight": weight, "hook": hook}, path, _use_new_zipfile_serialization=False),
-            r"refers to os\.makedirs\.",
+            "pickle",
         ),
         "numpy": (lambda path, _: torch.save({"weight": weight, "step": np.int64(3)}, path), "numpy"),
-        "pickle.dump": (lambda path, _: path.write_bytes(pickle.dumps({"hook": hook})), r"refers to os\.makedirs\."),
+        "pickle.dump": (lambda path, _: path.write_bytes(pickle.dumps({"hook": hook})), "pickle"),
     }
 
 
