@@ -5,7 +5,7 @@ import pickle
 
 import torch
 
-from .modeling_custom_vae import CustomVAE, unsafe_pickle_globals
+from .modeling_custom_vae import CustomVAE, unsafe_pickle_globals, weight_value_problem
 
 # Containers that training scripts commonly wrap a state_dict in, and prefixes that wrappers add to its keys.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "vae")
@@ -48,13 +48,16 @@ def load_tutorial_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path!r} does not hold a state_dict (a dict of tensors).")
     # load_state_dict would cast integer (e.g. quantized) weights to float without a word, and copy NaN as is.
-    not_float = [f"{name} ({tensor.dtype})" for name, tensor in checkpoint.items() if not tensor.is_floating_point()]
+    problems = {name: weight_value_problem(tensor) for name, tensor in checkpoint.items()}
+    not_float = [
+        f"{name} ({checkpoint[name].dtype})" for name, kind in problems.items() if kind == "not floating-point"
+    ]
     if not_float:
         raise ValueError(
             f"{path!r} holds tensors that are not floating point: {_some(sorted(not_float))}. The tutorial's weights "
             "are float; casting these would change their meaning (a quantized checkpoint needs dequantizing first)."
         )
-    not_finite = sorted(name for name, tensor in checkpoint.items() if not torch.isfinite(tensor).all())
+    not_finite = sorted(name for name, kind in problems.items() if kind == "not finite")
     if not_finite:
         raise ValueError(
             f"{path!r} has NaN or infinite values in {_some(not_finite)}: the training that saved it diverged. "

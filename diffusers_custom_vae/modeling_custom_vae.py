@@ -709,7 +709,8 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
     given, for the floating-point ones of an empty model), so a float32 weight too large for float16 counts."""
     expected = model.state_dict()
     rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of deprecated attention keys
-    found, unexpected, mismatched, not_floating, not_finite, overflowing = set(), [], [], [], [], []
+    found, unexpected, mismatched = set(), [], []
+    problems = {"not floating-point": [], "not finite": [], "overflows": []}  # weight_value_problem's kinds
     for path in files:
         names, read = _open_weights(path)
         renamed = {name: name for name in names}  # model name -> name in the file
@@ -721,17 +722,14 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
                 unexpected.append(name)
                 continue
             tensor, target = read(stored_name), expected[name]
-            dtype = torch_dtype if torch_dtype is not None and target.is_floating_point() else target.dtype
+            dtype = torch_dtype or target.dtype
             if tensor.shape != target.shape:
                 mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
-            elif target.is_floating_point() and not tensor.is_floating_point():
-                not_floating.append(f"{name} ({tensor.dtype})")
-            elif not torch.isfinite(tensor.to(dtype)).all():
-                if torch.isfinite(tensor).all():
-                    overflowing.append(f"{name} ({dtype})")
-                else:
-                    not_finite.append(name)
+            elif target.is_floating_point() and (problem := weight_value_problem(tensor, dtype)):
+                detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({dtype})"}.get(problem, "")
+                problems[problem].append(name + detail)
     missing = [name for name in expected if name not in found]
+    not_floating, not_finite, overflowing = problems.values()
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
@@ -810,6 +808,19 @@ def unsafe_pickle_globals(path) -> list[str] | None:
         return sorted(find_unsafe_globals(path))
     except Exception:  # a zip archive, but not one torch.save wrote
         return None
+
+
+def weight_value_problem(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
+    """What makes `tensor` unusable as a floating-point weight held in `dtype` (default: its own): "not floating-point"
+    (casting integer or bool weights would silently change what they mean), "not finite" (NaN or inf), "overflows"
+    (finite, but inf in `dtype`); `None` when nothing does. The package's loaders all ask this one function."""
+    if not tensor.is_floating_point():
+        return "not floating-point"
+    if not torch.isfinite(tensor).all():
+        return "not finite"
+    if dtype is not None and not torch.isfinite(tensor.to(dtype)).all():
+        return "overflows"
+    return None
 
 
 def _check_config(config):

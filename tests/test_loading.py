@@ -337,3 +337,29 @@ def test_device_map_still_refuses_missing_and_non_finite_weights(tmp_path, saved
     edit_weights(saved, lambda state: state.update({"decoder.conv_out.bias": torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"NaN or inf.*encoder.conv_in.weight"):
         CustomVAE.from_pretrained(saved, device_map={"encoder": "disk", "decoder": "cpu"}, offload_folder=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- shared checks
+
+
+def test_weight_value_problem_names_each_kind():
+    """One check of weight values, asked by from_pretrained, load_vae and convert_tutorial_checkpoint alike."""
+    from diffusers_custom_vae.modeling_custom_vae import weight_value_problem
+
+    assert weight_value_problem(torch.ones(2)) is None
+    assert weight_value_problem(torch.ones(2, dtype=torch.int8)) == "not floating-point"
+    assert weight_value_problem(torch.tensor([1.0, float("nan")])) == "not finite"
+    assert weight_value_problem(torch.tensor([1e6]), torch.float16) == "overflows"
+    assert weight_value_problem(torch.tensor([1e6]), torch.bfloat16) is None
+
+
+def test_unsafe_pickle_globals_lists_objects_without_running_them(tmp_path, tiny_vae):
+    """One pickle check, asked by from_pretrained, convert_tutorial_checkpoint and the trainer's resume alike."""
+    from diffusers_custom_vae.modeling_custom_vae import unsafe_pickle_globals
+
+    torch.save(tiny_vae.state_dict(), tmp_path / "weights.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "objects.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert unsafe_pickle_globals(tmp_path / "weights.pt") == []
+    assert unsafe_pickle_globals(tmp_path / "objects.pt") == ["torch.nn.modules.linear.Linear"]
+    assert unsafe_pickle_globals(tmp_path / "legacy.pt") is None  # torch lists the objects of zip archives only
