@@ -266,6 +266,65 @@ def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
     return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
 
 
+def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
+    """Refuses what `encode` (`what="images"`) or `decode` (`"latents"`) cannot take, naming what it expected."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
+        raise TypeError(
+            f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
+            f"{type(x).__module__}.{type(x).__qualname__}{hint}."
+        )
+    # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
+    # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
+    if not x.is_floating_point():
+        hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
+        raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(
+            f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
+        )
+    if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
+        raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
+    height, width = x.shape[-2:]
+    if height % spatial_multiple or width % spatial_multiple:
+        m = spatial_multiple
+        raise ValueError(
+            f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
+            f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
+        )
+
+
+def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overlap: int) -> torch.Tensor:
+    """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
+
+    Tiles are planned on the latent grid (`tile` and `overlap` in latents): a tile of `n` latents is `n * scale_in`
+    rows of `x` and `n * scale_out` rows of the output (encode: scale_in = f, scale_out = 1; decode: the reverse).
+    """
+    rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
+    cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
+    out = weights = None
+    for top, height in rows:
+        for left, width in cols:
+            piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
+            piece = fn(piece).float()
+            if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
+                size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+                out = piece.new_zeros(*piece.shape[:2], *size)
+                weights = piece.new_zeros(size)
+            ramp = overlap * scale_out
+            weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
+                piece.shape[-1], ramp, x.device
+            )
+            region = (
+                ...,
+                slice(top * scale_out, (top + height) * scale_out),
+                slice(left * scale_out, (left + width) * scale_out),
+            )
+            out[region] += piece * weight
+            weights[region[1:]] += weight
+    return (out / weights).to(x.dtype)
+
+
 class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
@@ -388,72 +447,17 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         self.tile_sample_min_size, self.tile_overlap = size, overlap
         self.use_tiling = True
 
-    def _check_input(self, x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
-        if not isinstance(x, torch.Tensor):
-            hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
-            raise TypeError(
-                f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
-                f"{type(x).__module__}.{type(x).__qualname__}{hint}."
-            )
-        # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
-        # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
-        if not x.is_floating_point():
-            hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
-            raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(
-                f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
-            )
-        if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
-            raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
-        height, width = x.shape[-2:]
-        if height % spatial_multiple or width % spatial_multiple:
-            m = spatial_multiple
-            raise ValueError(
-                f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
-                f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
-            )
-
-    def _tiled(self, fn, x: torch.Tensor, scale_in: int, scale_out: int) -> torch.Tensor:
-        """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
-
-        Tiles are planned on the latent grid: a tile of `n` latents is `n * scale_in` rows of `x` and
-        `n * scale_out` rows of the output (encode: scale_in = f, scale_out = 1; decode: the reverse).
-        """
-        f = self.downsample_factor
-        tile, overlap = self.tile_sample_min_size // f, self.tile_overlap // f
-        rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
-        cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
-        out = weights = None
-        for top, height in rows:
-            for left, width in cols:
-                piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
-                piece = fn(piece).float()
-                if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
-                    size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
-                    out = piece.new_zeros(*piece.shape[:2], *size)
-                    weights = piece.new_zeros(size)
-                ramp = overlap * scale_out
-                weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
-                    piece.shape[-1], ramp, x.device
-                )
-                region = (
-                    ...,
-                    slice(top * scale_out, (top + height) * scale_out),
-                    slice(left * scale_out, (left + width) * scale_out),
-                )
-                out[region] += piece * weight
-                weights[region[1:]] += weight
-        return (out / weights).to(x.dtype)
+    def _tile_in_latents(self) -> tuple[int, int]:
+        return self.tile_sample_min_size // self.downsample_factor, self.tile_overlap // self.downsample_factor
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return self._tiled(self.encoder, x, scale_in=self.downsample_factor, scale_out=1)
+            return _tiled(self.encoder, x, self.downsample_factor, 1, *self._tile_in_latents())
         return self.encoder(x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(z.shape[-2:]) * self.downsample_factor > self.tile_sample_min_size:
-            return self._tiled(self.decoder, z, scale_in=1, scale_out=self.downsample_factor)
+            return _tiled(self.decoder, z, 1, self.downsample_factor, *self._tile_in_latents())
         return self.decoder(z)
 
     @apply_forward_hook
@@ -474,7 +478,7 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             [`AutoencoderKLOutput`] or `tuple`: `latent_dist`, a `DiagonalGaussianDistribution` over latents of shape
             `(batch_size, latent_channels, height / downsample_factor, width / downsample_factor)`.
         """
-        self._check_input(x, self.config.in_channels, "images", self.downsample_factor)
+        _check_input(x, self.config.in_channels, "images", self.downsample_factor)
         h = x.to(self.dtype)
         if self.use_slicing and h.shape[0] > 1:
             moments = torch.cat([self._encode(one) for one in h.split(1)])
@@ -501,7 +505,7 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             [`DecoderOutput`] or `tuple`: `sample`, images of shape `(batch_size, out_channels, height *
             downsample_factor, width * downsample_factor)` in the dtype of `z`.
         """
-        self._check_input(z, self.config.latent_channels, "latents", 1)
+        _check_input(z, self.config.latent_channels, "latents", 1)
         h = z.to(self.dtype)
         if self.use_slicing and h.shape[0] > 1:
             images = torch.cat([self._decode(one) for one in h.split(1)])

@@ -21,6 +21,7 @@ from diffusers_custom_vae.modeling_custom_vae import (
     DiagonalGaussianDistribution,
     SelfAttention,
     _tile_spans,
+    _tiled,
 )
 
 # name -> (config, (height, width)); every image is non-square.
@@ -299,7 +300,7 @@ def test_tile_blending_is_exact_for_local_operations(levels, overlap_latents, di
     else:
         x, scale_in, scale_out = torch.randn(2, 3, 21 * f, 30 * f), f, 1
         fn = lambda t: torch.einsum("oc,bchw->bohw", mix_channels, F.avg_pool2d(t, f))
-    tiled = vae._tiled(fn, x, scale_in=scale_in, scale_out=scale_out)
+    tiled = _tiled(fn, x, scale_in, scale_out, *vae._tile_in_latents())
     expected = fn(x)
     assert tiled.shape == expected.shape == (2, 5, 21 * scale_out, 30 * scale_out)
     torch.testing.assert_close(tiled, expected, atol=1e-5, rtol=1e-5)
