@@ -5,5 +5,6 @@
     python -m benchmarks.benchmark_distillation  # students in a teacher's latent space: fidelity, decode speed
 
 Each writes its own section of BENCHMARKS.md (`report.py`); `measure.py` is how they time and measure memory, and
-`models.py` builds the AutoencoderKL they compare against. Not part of the installed package.
+`models.py` builds the AutoencoderKL they compare against, `tutorial.py` is the tutorial's own VAE (the reference
+that tests and benchmarks hold `CustomVAE` against). Not part of the installed package.
 """

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffusers_custom_vae import CustomVAE, tutorial
+from benchmarks import tutorial
+from diffusers_custom_vae import CustomVAE
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
@@ -280,7 +281,7 @@ def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: f
         f"- Load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
         "(other work on the machine makes the timings slower and noisier)",
         f"- Models, with random weights and inputs: `CustomVAE()`, the default config ({millions['CustomVAE']:.2f} M "
-        f"parameters); tutorial: `diffusers_custom_vae.tutorial.VAE`, explicit softmax attention "
+        f"parameters); tutorial: `benchmarks.tutorial.VAE`, explicit softmax attention "
         f"({millions['tutorial']:.2f} M); `AutoencoderKL` with block_out_channels {CUSTOM_VAE_WIDTHS}, "
         "4 DownEncoderBlock2D / UpDecoderBlock2D, layers_per_block 2, latent_channels 4, norm_num_groups 32 "
         f"({millions['AutoencoderKL']:.2f} M)",

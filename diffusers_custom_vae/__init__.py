@@ -6,7 +6,7 @@ Training lives in `diffusers_custom_vae.training` (not imported here: it pulls i
 
 from .conversion import convert_tutorial_checkpoint
 from .generation import generate, load_dit_pipeline
-from .hub import push_pipeline_to_hub  # importing hub also gives CustomVAE.push_to_hub the package's model card
+from .hub import push_pipeline_to_hub, push_vae_to_hub
 from .latent_spaces import LatentSpaceWarning, latent_space_of
 from .latents import estimate_scaling_factor
 from .modeling_custom_vae import CustomVAE, CustomVAEOutput
@@ -24,6 +24,7 @@ __all__ = [
     "latent_space_of",
     "load_dit_pipeline",
     "push_pipeline_to_hub",
+    "push_vae_to_hub",
     "save_pipeline",
     "swap_vae",
 ]

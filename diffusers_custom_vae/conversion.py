@@ -1,14 +1,11 @@
 """Checkpoints saved with the tutorial's own classes -> `CustomVAE`."""
 
-import io
 import os
 import pickle
-import pickletools
-import zipfile
 
 import torch
 
-from .modeling_custom_vae import CustomVAE
+from .modeling_custom_vae import CustomVAE, unsafe_pickle_globals, weight_value_problem
 
 # Containers that training scripts commonly wrap a state_dict in, and prefixes that wrappers add to its keys.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "vae")
@@ -31,7 +28,8 @@ def load_tutorial_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable files: name the file and the likely cause
         # torch's own message suggests weights_only=False, the very thing that would run the file's code.
-        if isinstance(error, pickle.UnpicklingError) and (names := _pickled_globals(path)) is not None:
+        names = unsafe_pickle_globals(path)  # None where torch cannot list them: older formats, plain pickles
+        if isinstance(error, pickle.UnpicklingError) and (names or (names is None and _is_pickle(path))):
             refers_to = f": it refers to {', '.join(names[:5])}" if names else ""
             raise ValueError(
                 f"{path!r} is a pickle that torch.load(weights_only=True) cannot read as tensors{refers_to}. Loading "
@@ -50,13 +48,16 @@ def load_tutorial_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{path!r} does not hold a state_dict (a dict of tensors).")
     # load_state_dict would cast integer (e.g. quantized) weights to float without a word, and copy NaN as is.
-    not_float = [f"{name} ({tensor.dtype})" for name, tensor in checkpoint.items() if not tensor.is_floating_point()]
+    problems = {name: weight_value_problem(tensor) for name, tensor in checkpoint.items()}
+    not_float = [
+        f"{name} ({checkpoint[name].dtype})" for name, kind in problems.items() if kind == "not floating-point"
+    ]
     if not_float:
         raise ValueError(
             f"{path!r} holds tensors that are not floating point: {_some(sorted(not_float))}. The tutorial's weights "
             "are float; casting these would change their meaning (a quantized checkpoint needs dequantizing first)."
         )
-    not_finite = sorted(name for name, tensor in checkpoint.items() if not torch.isfinite(tensor).all())
+    not_finite = sorted(name for name, kind in problems.items() if kind == "not finite")
     if not_finite:
         raise ValueError(
             f"{path!r} has NaN or infinite values in {_some(not_finite)}: the training that saved it diverged. "
@@ -74,36 +75,10 @@ def _some(names: list[str], limit: int = 5) -> str:
     return str(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _pickled_globals(path: str) -> list[str] | None:
-    """The Python objects (`module.name`) a pickle would import, beyond those that rebuild tensors; read with
-    pickletools, which runs nothing. Looks inside torch.save's zip archive, and through the legacy format's
-    sequence of pickles. `None` when the file does not start with a complete pickle (garbage, truncated)."""
-    found, complete = [], 0
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                data = [name for name in archive.namelist() if name.endswith("data.pkl")]
-                stream = io.BytesIO(archive.read(data[0]))
-        else:
-            stream = open(path, "rb")
-        with stream:
-            while stream.read(1):  # one pickle after another, to the end of the file
-                stream.seek(-1, io.SEEK_CUR)
-                strings = []  # STACK_GLOBAL takes the module and the name from the two strings pushed before it
-                for opcode, argument, _ in pickletools.genops(stream):
-                    if opcode.name in ("GLOBAL", "INST"):
-                        found.append(argument.replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(".".join(strings[-2:]))
-                    elif isinstance(argument, str):
-                        strings.append(argument)
-                complete += 1
-    except Exception:  # anything that does not parse ends the scan: a legacy file's raw tensor data, or garbage
-        pass
-    if not complete:
-        return None
-    tensor_globals = ("collections.OrderedDict", "torch._utils.", "__builtin__.set", "builtins.set")
-    return sorted({name for name in found if not name.startswith(tensor_globals) and not name.endswith("Storage")})
+def _is_pickle(path: str) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (torch.save's older format, pickle.dump)."""
+    with open(path, "rb") as file:
+        return file.read(1) == pickle.PROTO
 
 
 def convert_tutorial_checkpoint(

@@ -7,7 +7,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .latent_spaces import describe_latent_space, latent_space_of
-from .modeling_custom_vae import CustomVAE, downsample_factor_of
+from .modeling_custom_vae import downsample_factor_of
 from .pipelines import save_pipeline
 
 TEMPLATE = "custom_vae.md"
@@ -110,11 +110,6 @@ def upload_folder_to_hub(
     return str(commit)
 
 
-# `CustomVAE.push_to_hub` renders this package's card; the model file cannot import the package (it also runs as
-# remote code without it), so the package hands it the renderer.
-CustomVAE.model_card_renderer = render_model_card
-
-
 def render_pipeline_card(pipe, repo_id: str | None = None, license: str | None = None) -> ModelCard:
     r"""
     Render the model card (README.md) of a pipeline saved by [`save_pipeline`]: what it is, and how to load it
@@ -167,11 +162,56 @@ def push_pipeline_to_hub(
     Returns:
         `str`: the URL of the commit.
     """
+    save = lambda folder: save_pipeline(pipe, folder, variant=variant)
+    render = lambda: render_pipeline_card(pipe, repo_id=repo_id)
+    commit_message = commit_message or f"Upload {type(pipe).__name__}"
+    return _push_with_card(save, render, model_card, repo_id, commit_message, private, token, create_pr)
+
+
+def push_vae_to_hub(
+    vae,
+    repo_id: str,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    create_pr: bool = False,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    model_card: ModelCard | None = None,
+) -> str:
+    r"""
+    Upload a VAE's config, weights, modeling file (for loading without the package, `trust_remote_code=True`) and
+    model card (README.md) to the Hub, in one commit. `vae.push_to_hub` is diffusers' own: the same files with
+    diffusers' generic card.
+
+    Args:
+        vae (`CustomVAE` or `AutoencoderKL`): The model.
+        repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
+        commit_message (`str`, *optional*), private (`bool`, *optional*), token (`str`, *optional*),
+        create_pr (`bool`, *optional*, defaults to `False`): As in `huggingface_hub.HfApi.upload_folder`; the token
+            is passed to huggingface_hub only, never printed or written.
+        safe_serialization (`bool`, *optional*, defaults to `True`), variant (`str`, *optional*):
+            As in `save_pretrained`.
+        model_card (`huggingface_hub.ModelCard`, *optional*):
+            The card to upload. By default a card already in the repo is kept (it may hold metrics), else
+            [`render_model_card`]'s.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    save = lambda folder: vae.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+    render = lambda: render_model_card(vae, repo_id=repo_id)
+    commit_message = commit_message or f"Upload {type(vae).__name__}"
+    return _push_with_card(save, render, model_card, repo_id, commit_message, private, token, create_pr)
+
+
+def _push_with_card(save, render, model_card, repo_id, commit_message, private, token, create_pr) -> str:
+    """Saves with `save(folder)` into a temporary folder, adds `model_card` (else `render()`'s, unless the repo has a
+    card already) and uploads the folder in one commit."""
     with tempfile.TemporaryDirectory() as folder:
-        save_pipeline(pipe, folder, variant=variant)
+        save(folder)
         if model_card is None and not HfApi(token=token).file_exists(repo_id, "README.md"):
-            model_card = render_pipeline_card(pipe, repo_id=repo_id)
+            model_card = render()
         if model_card is not None:
             model_card.save(os.path.join(folder, "README.md"))
-        commit_message = commit_message or f"Upload {type(pipe).__name__}"
         return upload_folder_to_hub(folder, repo_id, token, private, commit_message, create_pr)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from diffusers.utils.accelerate_utils import apply_forward_hook
-from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open  # a requirement of diffusers
 from torch import nn
 
@@ -267,12 +266,72 @@ def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
     return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
 
 
+def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
+    """Refuses what `encode` (`what="images"`) or `decode` (`"latents"`) cannot take, naming what it expected."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
+        raise TypeError(
+            f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
+            f"{type(x).__module__}.{type(x).__qualname__}{hint}."
+        )
+    # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
+    # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
+    if not x.is_floating_point():
+        hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
+        raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(
+            f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
+        )
+    if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
+        raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
+    height, width = x.shape[-2:]
+    if height % spatial_multiple or width % spatial_multiple:
+        m = spatial_multiple
+        raise ValueError(
+            f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
+            f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
+        )
+
+
+def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overlap: int) -> torch.Tensor:
+    """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
+
+    Tiles are planned on the latent grid (`tile` and `overlap` in latents): a tile of `n` latents is `n * scale_in`
+    rows of `x` and `n * scale_out` rows of the output (encode: scale_in = f, scale_out = 1; decode: the reverse).
+    """
+    rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
+    cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
+    out = weights = None
+    for top, height in rows:
+        for left, width in cols:
+            piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
+            piece = fn(piece).float()
+            if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
+                size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+                out = piece.new_zeros(*piece.shape[:2], *size)
+                weights = piece.new_zeros(size)
+            ramp = overlap * scale_out
+            weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
+                piece.shape[-1], ramp, x.device
+            )
+            region = (
+                ...,
+                slice(top * scale_out, (top + height) * scale_out),
+                slice(left * scale_out, (left + width) * scale_out),
+            )
+            out[region] += piece * weight
+            weights[region[1:]] += weight
+    return (out / weights).to(x.dtype)
+
+
 class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
 
     This model inherits from [`ModelMixin`]: `save_pretrained`, `from_pretrained` and `push_to_hub` work as for
-    diffusers' own models. Defaults give the tutorial's architecture (8x downsampling, 4 latent channels).
+    diffusers' own models (`diffusers_custom_vae.push_vae_to_hub` uploads it with the package's model card). Defaults
+    give the tutorial's architecture (8x downsampling, 4 latent channels).
 
     Parameters:
         in_channels (`int`, *optional*, defaults to 3): Number of channels in the input image.
@@ -388,72 +447,17 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         self.tile_sample_min_size, self.tile_overlap = size, overlap
         self.use_tiling = True
 
-    def _check_input(self, x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
-        if not isinstance(x, torch.Tensor):
-            hint = " (diffusers_custom_vae.images.pil_to_tensor converts PIL images)" if what == "images" else ""
-            raise TypeError(
-                f"CustomVAE expected {what} as a torch.Tensor of shape (batch, {channels}, height, width), got "
-                f"{type(x).__module__}.{type(x).__qualname__}{hint}."
-            )
-        # Integer, bool and complex tensors would be cast to the VAE's dtype: 0-255 pixels would give a posterior
-        # that is wrong without a sign (and cast back, a uint8 one), complex values would lose their imaginary part.
-        if not x.is_floating_point():
-            hint = " in [-1, 1]: x / 127.5 - 1 converts 0-255 pixels" if what == "images" else ""
-            raise TypeError(f"CustomVAE expected {what} of a floating-point dtype{hint}; got {x.dtype}.")
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(
-                f"CustomVAE expected {what} of shape (batch, {channels}, height, width), got {tuple(x.shape)}."
-            )
-        if x.numel() == 0:  # torch would fail deep inside, in a reshape or a convolution
-            raise ValueError(f"CustomVAE got {what} of shape {tuple(x.shape)}, which hold no values.")
-        height, width = x.shape[-2:]
-        if height % spatial_multiple or width % spatial_multiple:
-            m = spatial_multiple
-            raise ValueError(
-                f"Image height and width must be multiples of {m} (the VAE downsamples {m}x), got {height}x{width}; "
-                f"resize or crop to e.g. {max(height // m, 1) * m}x{max(width // m, 1) * m}."
-            )
-
-    def _tiled(self, fn, x: torch.Tensor, scale_in: int, scale_out: int) -> torch.Tensor:
-        """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
-
-        Tiles are planned on the latent grid: a tile of `n` latents is `n * scale_in` rows of `x` and
-        `n * scale_out` rows of the output (encode: scale_in = f, scale_out = 1; decode: the reverse).
-        """
-        f = self.downsample_factor
-        tile, overlap = self.tile_sample_min_size // f, self.tile_overlap // f
-        rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
-        cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
-        out = weights = None
-        for top, height in rows:
-            for left, width in cols:
-                piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
-                piece = fn(piece).float()
-                if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
-                    size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
-                    out = piece.new_zeros(*piece.shape[:2], *size)
-                    weights = piece.new_zeros(size)
-                ramp = overlap * scale_out
-                weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
-                    piece.shape[-1], ramp, x.device
-                )
-                region = (
-                    ...,
-                    slice(top * scale_out, (top + height) * scale_out),
-                    slice(left * scale_out, (left + width) * scale_out),
-                )
-                out[region] += piece * weight
-                weights[region[1:]] += weight
-        return (out / weights).to(x.dtype)
+    def _tile_in_latents(self) -> tuple[int, int]:
+        return self.tile_sample_min_size // self.downsample_factor, self.tile_overlap // self.downsample_factor
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return self._tiled(self.encoder, x, scale_in=self.downsample_factor, scale_out=1)
+            return _tiled(self.encoder, x, self.downsample_factor, 1, *self._tile_in_latents())
         return self.encoder(x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(z.shape[-2:]) * self.downsample_factor > self.tile_sample_min_size:
-            return self._tiled(self.decoder, z, scale_in=1, scale_out=self.downsample_factor)
+            return _tiled(self.decoder, z, 1, self.downsample_factor, *self._tile_in_latents())
         return self.decoder(z)
 
     @apply_forward_hook
@@ -474,7 +478,7 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             [`AutoencoderKLOutput`] or `tuple`: `latent_dist`, a `DiagonalGaussianDistribution` over latents of shape
             `(batch_size, latent_channels, height / downsample_factor, width / downsample_factor)`.
         """
-        self._check_input(x, self.config.in_channels, "images", self.downsample_factor)
+        _check_input(x, self.config.in_channels, "images", self.downsample_factor)
         h = x.to(self.dtype)
         if self.use_slicing and h.shape[0] > 1:
             moments = torch.cat([self._encode(one) for one in h.split(1)])
@@ -501,7 +505,7 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
             [`DecoderOutput`] or `tuple`: `sample`, images of shape `(batch_size, out_channels, height *
             downsample_factor, width * downsample_factor)` in the dtype of `z`.
         """
-        self._check_input(z, self.config.latent_channels, "latents", 1)
+        _check_input(z, self.config.latent_channels, "latents", 1)
         h = z.to(self.dtype)
         if self.use_slicing and h.shape[0] > 1:
             images = torch.cat([self._decode(one) for one in h.split(1)])
@@ -581,67 +585,6 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         # `auto_map` (written by `save_config`) is for diffusers' AutoModel, not an argument of __init__: without this,
         # every load would warn that the config has an unexpected attribute.
         return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
-
-    # How `push_to_hub` renders a model card when it is given none and the repo has none: a function
-    # `(vae, repo_id=...) -> huggingface_hub.ModelCard`. The diffusers_custom_vae package sets its own (its template,
-    # filled from the config) when it is imported; this file cannot import the package, since it also runs as remote
-    # code where the package is absent, and there `push_to_hub` falls back to diffusers' own, with its generic card.
-    model_card_renderer = None
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        model_card=None,
-    ) -> str:
-        r"""
-        Upload the config, the weights, this modeling file (for remote-code loading, see `save_config`) and a model
-        card (README.md) to the Hub, in one commit.
-
-        Args:
-            repo_id (`str`): The repo to create or update, e.g. `"user/dog-vae"`.
-            commit_message (`str`, *optional*), private (`bool`, *optional*), token (`str`, *optional*),
-            create_pr (`bool`, *optional*, defaults to `False`): As in `huggingface_hub.HfApi.upload_folder`.
-            safe_serialization (`bool`, *optional*, defaults to `True`), variant (`str`, *optional*):
-                As in `save_pretrained`.
-            model_card (`huggingface_hub.ModelCard`, *optional*):
-                The card to upload. By default a card already in the repo is kept, else one is rendered from the
-                package's template (`model_card_renderer`).
-
-        Returns:
-            `str`: the URL of the commit.
-        """
-        render = type(self).model_card_renderer
-        if model_card is None and render is None:  # remote code without the package: diffusers' push and card
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                safe_serialization=safe_serialization,
-                variant=variant,
-            )
-        api = HfApi(token=token)  # the token goes to huggingface_hub only; it is never printed or written
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if model_card is None and not api.file_exists(repo_id, "README.md"):  # a card there may hold metrics: kept
-            model_card = render(self, repo_id=repo_id)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            if model_card is not None:
-                model_card.save(os.path.join(folder, "README.md"))
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload CustomVAE",
-                create_pr=create_pr,
-            )
-        return str(commit)
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
@@ -770,7 +713,8 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
     given, for the floating-point ones of an empty model), so a float32 weight too large for float16 counts."""
     expected = model.state_dict()
     rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of deprecated attention keys
-    found, unexpected, mismatched, not_floating, not_finite, overflowing = set(), [], [], [], [], []
+    found, unexpected, mismatched = set(), [], []
+    problems = {"not floating-point": [], "not finite": [], "overflows": []}  # weight_value_problem's kinds
     for path in files:
         names, read = _open_weights(path)
         renamed = {name: name for name in names}  # model name -> name in the file
@@ -782,17 +726,14 @@ def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> 
                 unexpected.append(name)
                 continue
             tensor, target = read(stored_name), expected[name]
-            dtype = torch_dtype if torch_dtype is not None and target.is_floating_point() else target.dtype
+            dtype = torch_dtype or target.dtype
             if tensor.shape != target.shape:
                 mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
-            elif target.is_floating_point() and not tensor.is_floating_point():
-                not_floating.append(f"{name} ({tensor.dtype})")
-            elif not torch.isfinite(tensor.to(dtype)).all():
-                if torch.isfinite(tensor).all():
-                    overflowing.append(f"{name} ({dtype})")
-                else:
-                    not_finite.append(name)
+            elif target.is_floating_point() and (problem := weight_value_problem(tensor, dtype)):
+                detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({dtype})"}.get(problem, "")
+                problems[problem].append(name + detail)
     missing = [name for name in expected if name not in found]
+    not_floating, not_finite, overflowing = problems.values()
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
@@ -851,16 +792,39 @@ def _open_weights(path: str):
 
 
 def _refuse_unsafe_pickle(path: str):
-    find_unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if find_unsafe_globals is None or not zipfile.is_zipfile(path):
-        return
-    unsafe = find_unsafe_globals(path)  # reads the pickle's instructions, runs none of them
-    if unsafe:
+    if unsafe := unsafe_pickle_globals(path):
         raise OSError(
             f"{path} is a pickle that holds Python objects besides tensors ({', '.join(unsafe[:5])}). It was refused "
             "for safety: unpickling it could run any code. If you trust it, load it yourself and save the weights "
             "with save_pretrained (safetensors)."
         )
+
+
+def unsafe_pickle_globals(path) -> list[str] | None:
+    """The Python objects (`module.name`) that loading the torch.save file at `path` would construct besides tensors
+    and plain values, read without running any of them: `[]` for none; `None` when torch cannot list them (a file that
+    is not a torch.save zip archive: an older torch.save format, a plain pickle, a damaged file; or torch < 2.5).
+    The package's loaders all ask this one function (`conversion.py`, `training/checkpoints.py`)."""
+    find_unsafe_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if find_unsafe_globals is None or not zipfile.is_zipfile(path):
+        return None
+    try:
+        return sorted(find_unsafe_globals(path))
+    except Exception:  # a zip archive, but not one torch.save wrote
+        return None
+
+
+def weight_value_problem(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
+    """What makes `tensor` unusable as a floating-point weight held in `dtype` (default: its own): "not floating-point"
+    (casting integer or bool weights would silently change what they mean), "not finite" (NaN or inf), "overflows"
+    (finite, but inf in `dtype`); `None` when nothing does. The package's loaders all ask this one function."""
+    if not tensor.is_floating_point():
+        return "not floating-point"
+    if not torch.isfinite(tensor).all():
+        return "not finite"
+    if dtype is not None and not torch.isfinite(tensor.to(dtype)).all():
+        return "overflows"
+    return None
 
 
 def _check_config(config):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.tutorial import VAE
 from diffusers_custom_vae import CustomVAE, convert_tutorial_checkpoint
-from diffusers_custom_vae.tutorial import VAE
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +68,15 @@ def pickles(folder) -> dict:
     return {
         "torch.save(model)": (
             lambda path, model: torch.save(model, path),  # instead of torch.save(model.state_dict(), path)
-            r"diffusers_custom_vae\.tutorial\.Decoder",
+            r"benchmarks\.tutorial\.Decoder",
         ),
         "code": (lambda path, _: torch.save({"weight": weight, "hook": hook}, path), r"refers to os\.makedirs\."),
-        "code, legacy format": (
+        "code, legacy format": (  # torch lists the objects of its zip archives only: the refusal names the pickle
             lambda path, _: torch.save({"weight": weight, "hook": hook}, path, _use_new_zipfile_serialization=False),
-            r"refers to os\.makedirs\.",
+            "pickle",
         ),
         "numpy": (lambda path, _: torch.save({"weight": weight, "step": np.int64(3)}, path), "numpy"),
-        "pickle.dump": (lambda path, _: path.write_bytes(pickle.dumps({"hook": hook})), r"refers to os\.makedirs\."),
+        "pickle.dump": (lambda path, _: path.write_bytes(pickle.dumps({"hook": hook})), "pickle"),
     }
 
 
@@ -101,22 +101,22 @@ def test_unreadable_files_name_the_file(tutorial_vae, tmp_path, content):
         torch.save(tutorial_vae.state_dict(), path)
         content = path.read_bytes()[: path.stat().st_size // 2]
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="bad.pt.*truncated or not a PyTorch checkpoint") as error:
+    with pytest.raises(ValueError, match="bad.pt.*truncated") as error:
         convert_tutorial_checkpoint(path)
     assert "pickle" not in str(error.value) and "weights_only=False" not in str(error.value)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         convert_tutorial_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="folder"):
         convert_tutorial_checkpoint(tmp_path)
 
 
 def test_state_dict_of_another_architecture_is_refused(tmp_path):
     state = CustomVAE(block_out_channels=(32, 64), layers_per_block=1).state_dict()
     torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="does not match CustomVAE.*missing"):
+    with pytest.raises(ValueError, match="CustomVAE.*missing"):
         convert_tutorial_checkpoint(tmp_path / "other.pt")
     torch.save({"weight": torch.zeros(1)}, tmp_path / "unrelated.pt")
-    with pytest.raises(ValueError, match="not a checkpoint of the tutorial's VAE"):
+    with pytest.raises(ValueError, match="unrelated.pt.*encoder.conv_in.weight"):
         convert_tutorial_checkpoint(tmp_path / "unrelated.pt")
 
 
@@ -132,7 +132,7 @@ def test_weights_that_are_not_finite_are_refused_naming_the_tensors(tutorial_vae
         spoiled(state_dict, encoder__conv_in__weight=nan_weight, decoder__conv_out__bias=inf_bias), tmp_path / "x.pt"
     )
     with pytest.raises(
-        ValueError, match=r"NaN or infinite values in \['decoder.conv_out.bias', 'encoder.conv_in.weight'\]"
+        ValueError, match=r"NaN.*decoder.conv_out.bias.*encoder.conv_in.weight"
     ):
         convert_tutorial_checkpoint(tmp_path / "x.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -144,7 +144,7 @@ def test_weights_that_are_not_floating_point_are_refused_not_cast(tutorial_vae, 
     state_dict = tutorial_vae.state_dict()
     bias = torch.ones_like(state_dict["decoder.conv_out.bias"], dtype=dtype)
     torch.save(spoiled(state_dict, decoder__conv_out__bias=bias), tmp_path / "quantized.pt")
-    with pytest.raises(ValueError, match=rf"not floating point: \['decoder.conv_out.bias \({dtype}\)'\]"):
+    with pytest.raises(ValueError, match=rf"floating.*decoder.conv_out.bias \({dtype}\)"):
         convert_tutorial_checkpoint(tmp_path / "quantized.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -164,9 +164,9 @@ def checkpoint(tutorial_vae, tmp_path):
 @pytest.mark.parametrize(
     "output, message",
     [
-        ("notes.txt", r"notes.txt' is a file, not a folder"),
-        ("notes.txt/vae", r"notes.txt' is a file, not a folder"),
-        ("saved", r"saved' already holds a saved model \(config.json\)"),
+        ("notes.txt", r"notes.txt.*not a folder"),
+        ("notes.txt/vae", r"notes.txt.*not a folder"),
+        ("saved", r"saved.*config.json"),
     ],
     ids=["a file", "inside a file", "a saved model"],
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from diffusers_custom_vae import CustomVAE, swap_vae
+from diffusers_custom_vae import CustomVAE, push_vae_to_hub, swap_vae
 from diffusers_custom_vae.hub import render_model_card
 
 
@@ -34,7 +34,7 @@ def fake_hub(monkeypatch, tmp_path):
 
 
 def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
-    url = tiny_vae.push_to_hub("user/dog-vae", token="hf_secret")
+    url = push_vae_to_hub(tiny_vae, "user/dog-vae", token="hf_secret")
     assert url.startswith("https://huggingface.co/user/dog-vae")
     (upload,) = fake_hub.uploads
     assert sorted(p.name for p in upload.folder.iterdir()) == [
@@ -55,14 +55,14 @@ def test_push_to_hub_uploads_config_weights_and_card(tiny_vae, fake_hub):
 
 def test_push_to_hub_keeps_a_card_already_in_the_repo(tiny_vae, fake_hub):
     fake_hub.existing_files.add("README.md")
-    tiny_vae.push_to_hub("user/dog-vae")
+    push_vae_to_hub(tiny_vae, "user/dog-vae")
     assert not (fake_hub.uploads[0].folder / "README.md").exists()
-    tiny_vae.push_to_hub("user/dog-vae", model_card=render_model_card(tiny_vae, metrics={"psnr": 30.0}))
+    push_vae_to_hub(tiny_vae, "user/dog-vae", model_card=render_model_card(tiny_vae, metrics={"psnr": 30.0}))
     assert "| psnr | 30 |" in (fake_hub.uploads[1].folder / "README.md").read_text()
 
 
 def test_push_to_hub_with_fp16_variant(tiny_vae, fake_hub):
-    tiny_vae.push_to_hub("user/dog-vae", variant="fp16")
+    push_vae_to_hub(tiny_vae, "user/dog-vae", variant="fp16")
     names = {p.name for p in fake_hub.uploads[0].folder.iterdir()}
     assert "diffusion_pytorch_model.fp16.safetensors" in names
 
@@ -86,30 +86,17 @@ def test_model_card_metadata_metrics_and_grid(tiny_vae):
     assert f"{parameters:.2f}M parameters" in card.text and "2x downsampling" in card.text
 
 
-def test_push_to_hub_without_the_packages_card_is_diffusers_own(tiny_vae, fake_hub, monkeypatch):
-    """As remote code, where the package is absent and so is its card renderer: diffusers' push_to_hub (which saves
-    through save_pretrained, modeling file included); a card given explicitly is still uploaded."""
+def test_the_models_own_push_to_hub_is_diffusers(tiny_vae, fake_hub, monkeypatch):
+    """`vae.push_to_hub` is diffusers' (it saves through save_pretrained, modeling file included, with diffusers'
+    generic card), in the package as in remote code; the package's card comes with `push_vae_to_hub`."""
     from diffusers import ModelMixin
 
     pushed = []
     monkeypatch.setattr(ModelMixin, "push_to_hub", lambda self, repo_id, **kw: pushed.append((repo_id, kw)) or "url")
-    monkeypatch.setattr(CustomVAE, "model_card_renderer", None)
     assert tiny_vae.push_to_hub("user/dog-vae", token="hf_secret", variant="fp16") == "url"
-    assert pushed == [
-        (
-            "user/dog-vae",
-            dict(
-                commit_message=None,
-                private=None,
-                token="hf_secret",
-                create_pr=False,
-                safe_serialization=True,
-                variant="fp16",
-            ),
-        )
-    ]
+    assert pushed == [("user/dog-vae", dict(token="hf_secret", variant="fp16"))]
     assert fake_hub.uploads == []
-    tiny_vae.push_to_hub("user/dog-vae", model_card=ModelCard("---\nlicense: mit\n---\n# My card"))
+    push_vae_to_hub(tiny_vae, "user/dog-vae", model_card=ModelCard("---\nlicense: mit\n---\n# My card"))
     assert "# My card" in (fake_hub.uploads[0].folder / "README.md").read_text()
 
 

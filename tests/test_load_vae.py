@@ -55,14 +55,14 @@ def test_each_class_loads_as_itself(tmp_path, saved_akl, autoencoder_kl, tiny_va
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda state: state.pop("decoder.conv_out.bias"), "don't fit its config.json .*missing keys: decoder"),
+        (lambda state: state.pop("decoder.conv_out.bias"), "config.json.*missing.*decoder.conv_out.bias"),
         (
             lambda state: state["encoder.conv_in.weight"].view(-1).__setitem__(0, float("nan")),
-            r"NaN or inf weights in \['encoder.conv_in.weight'\]",
+            r"NaN or inf.*encoder.conv_in.weight",
         ),
         (
             lambda state: state.update({"decoder.conv_out.weight": state["decoder.conv_out.weight"].to(torch.int8)}),
-            r"not floating-point: decoder.conv_out.weight \(torch.int8\)",
+            r"floating-point.*decoder.conv_out.weight \(torch.int8\)",
         ),
     ],
     ids=["missing", "nan", "int8"],
@@ -78,7 +78,7 @@ def test_autoencoder_kl_is_loaded_as_strictly_as_custom_vae(saved_akl, edit, mes
 def test_autoencoder_kl_config_that_does_not_fit_its_weights(saved_akl):
     config = json.loads((saved_akl / "config.json").read_text())
     (saved_akl / "config.json").write_text(json.dumps({**config, "latent_channels": 3}))
-    with pytest.raises(ValueError, match="don't fit its config.json .*mismatched shapes"):
+    with pytest.raises(ValueError, match="config.json.*mismatched.*conv_in"):
         load_vae(saved_akl)
 
 
@@ -99,22 +99,22 @@ def test_deprecated_attention_names_of_old_autoencoder_kl_checkpoints_still_load
 
 def test_a_model_that_is_not_a_vae_is_named(tmp_path):
     tiny_pipeline().unet.save_pretrained(tmp_path / "unet")
-    with pytest.raises(ValueError, match="unet describes a UNet2DConditionModel, not a VAE: expected .*CustomVAE or"):
+    with pytest.raises(ValueError, match="unet.*UNet2DConditionModel.*CustomVAE or AutoencoderKL"):
         load_vae(tmp_path / "unet")
-    with pytest.raises(ValueError, match=r"model.json describes a UNet2DConditionModel, not a VAE"):
+    with pytest.raises(ValueError, match="model.json.*UNet2DConditionModel"):
         vae_class({"_class_name": "UNet2DConditionModel"}, "model.json")
 
 
 def test_a_folder_without_config_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(OSError, match=re.escape(f"{tmp_path / 'empty'} has no config.json: expected a VAE saved")):
+    with pytest.raises(OSError, match=re.escape(str(tmp_path / "empty")) + ".*config.json"):
         load_vae(tmp_path / "empty")
 
 
 def test_the_vae_of_a_pipeline_folder_by_subfolder(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
-    with pytest.raises(OSError, match="It holds a pipeline: pass subfolder='vae'"):
+    with pytest.raises(OSError, match="pipeline.*subfolder='vae'"):
         load_vae(tmp_path / "pipe")
     assert_same_weights(load_vae(tmp_path / "pipe", subfolder="vae"), pipe.vae)
 
@@ -127,6 +127,6 @@ def test_a_repo_id_loads_from_the_hub_cache_offline(tmp_path, saved_akl, autoenc
 
 @pytest.mark.parametrize("path", ["/no/such/vae", "./no-such-vae", "~/no-such-vae"])
 def test_a_path_that_is_not_a_folder_says_so_without_asking_the_hub(path, network_attempts):
-    with pytest.raises(FileNotFoundError, match="is not a folder: expected a VAE saved with save_pretrained"):
+    with pytest.raises(FileNotFoundError, match=re.escape(path) + ".*not a folder"):
         load_vae(path)
     assert not network_attempts

@@ -165,7 +165,7 @@ def test_hf_hub_cache_environment_variable_is_honoured(tmp_path, saved, tiny_vae
 
 def test_missing_weights_file_is_an_oserror(saved):
     (saved / WEIGHTS).unlink()
-    with pytest.raises(OSError, match="no file named"):
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
         CustomVAE.from_pretrained(saved)
 
 
@@ -174,7 +174,7 @@ def test_truncated_weights_file_is_an_oserror(saved, kept):
     path = saved / WEIGHTS
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * kept)])
-    with pytest.raises(OSError, match="truncated or corrupt"):
+    with pytest.raises(OSError, match=rf"{WEIGHTS}.*truncated"):
         CustomVAE.from_pretrained(saved)
 
 
@@ -189,7 +189,7 @@ def test_truncated_weights_file_is_an_oserror(saved, kept):
 )
 def test_config_that_does_not_match_the_weights_is_a_valueerror(saved, changes, named):
     edit_config(saved, **changes)
-    with pytest.raises(ValueError, match="don't fit its config.json") as error:
+    with pytest.raises(ValueError, match="config.json") as error:
         CustomVAE.from_pretrained(saved)
     assert named in str(error.value)
 
@@ -201,13 +201,13 @@ def test_missing_and_unexpected_keys_are_listed(saved, low_cpu_mem_usage):
         state["decoder.extra.weight"] = torch.zeros(2)
 
     edit_weights(saved, edit)
-    with pytest.raises(ValueError, match="missing keys: decoder.conv_out.bias.*unexpected keys: decoder.extra.weight"):
+    with pytest.raises(ValueError, match="missing.*decoder.conv_out.bias.*unexpected.*decoder.extra.weight"):
         CustomVAE.from_pretrained(saved, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def test_config_mismatch_is_a_valueerror_without_low_cpu_mem_usage(saved):
     edit_config(saved, latent_channels=3)
-    with pytest.raises(ValueError, match="don't fit its config.json"):
+    with pytest.raises(ValueError, match="config.json.*conv_in"):
         CustomVAE.from_pretrained(saved, low_cpu_mem_usage=False)
 
 
@@ -217,12 +217,12 @@ def test_non_finite_weights_are_a_valueerror(saved, value):
         state["encoder.conv_in.weight"][0, 0, 0, 0] = value
 
     edit_weights(saved, edit)
-    with pytest.raises(ValueError, match=r"NaN or inf weights in \['encoder.conv_in.weight'\]"):
+    with pytest.raises(ValueError, match=r"NaN or inf.*encoder.conv_in.weight"):
         CustomVAE.from_pretrained(saved)
 
 
 def test_folder_that_does_not_exist_is_an_oserror(tmp_path, network_attempts):
-    with pytest.raises(OSError, match="not the path to a directory"):
+    with pytest.raises(OSError, match="no-such-folder"):
         CustomVAE.from_pretrained(tmp_path / "no-such-folder")
     assert network_attempts == []
 
@@ -238,7 +238,7 @@ def test_weights_are_checked_whatever_diffusers_says(saved, monkeypatch):
     with pytest.raises(RuntimeError, match="never wrote"):  # nothing wrong in the files: diffusers' error stands
         CustomVAE.from_pretrained(saved)
     edit_config(saved, latent_channels=3)
-    with pytest.raises(ValueError, match="don't fit its config.json .*conv_in.weight") as error:
+    with pytest.raises(ValueError, match="config.json.*conv_in.weight") as error:
         CustomVAE.from_pretrained(saved)
     assert isinstance(error.value.__cause__, RuntimeError)
 
@@ -250,7 +250,7 @@ def test_weights_that_are_not_floating_point_are_refused(saved, dtype, torch_dty
         state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].to(dtype)
 
     edit_weights(saved, edit)
-    with pytest.raises(ValueError, match=rf"not floating-point: decoder.conv_out.weight \({dtype}\)"):
+    with pytest.raises(ValueError, match=rf"floating-point.*decoder.conv_out.weight \({dtype}\)"):
         CustomVAE.from_pretrained(saved, torch_dtype=torch_dtype)
 
 
@@ -260,7 +260,7 @@ def test_weights_that_overflow_torch_dtype_are_refused(saved):
 
     edit_weights(saved, edit)
     assert CustomVAE.from_pretrained(saved).encoder.conv_out.bias[0] == 1e6
-    with pytest.raises(ValueError, match=r"become inf in the dtype .*: encoder.conv_out.bias \(torch.float16\)"):
+    with pytest.raises(ValueError, match=r"inf.*encoder.conv_out.bias \(torch.float16\)"):
         CustomVAE.from_pretrained(saved, torch_dtype=torch.float16)
 
 
@@ -278,7 +278,7 @@ def test_pickled_state_dict_loads_with_the_same_weights(saved, tiny_vae):
 
 def test_pickle_holding_python_objects_is_refused_for_safety(saved, tiny_vae):
     save_as_pickle(saved, {**tiny_vae.state_dict(), "model": torch.nn.Linear(2, 2)})
-    with pytest.raises(OSError, match=r"is a pickle that holds Python objects .*Linear.*refused for safety") as error:
+    with pytest.raises(OSError, match=r"pickle.*Linear.*safety") as error:
         CustomVAE.from_pretrained(saved)
     assert "truncated" not in str(error.value)
 
@@ -293,7 +293,7 @@ def test_sharded_checkpoint_is_checked_shard_by_shard(tmp_path, tiny_vae):
     name = next(iter(state))
     state[name].view(-1)[0] = float("nan")
     save_file(state, shards[-1], metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=f"NaN or inf weights in \\['{name}'\\]"):
+    with pytest.raises(ValueError, match=f"NaN or inf.*{name}"):
         CustomVAE.from_pretrained(tmp_path)
 
 
@@ -331,9 +331,35 @@ def test_device_map_still_refuses_missing_and_non_finite_weights(tmp_path, saved
 
     edit_weights(saved, edit)
     for device_map in ("cpu", {"encoder": "cpu", "decoder": "disk"}):
-        with pytest.raises(ValueError, match="missing keys: decoder.conv_out.bias"):
+        with pytest.raises(ValueError, match="missing.*decoder.conv_out.bias"):
             CustomVAE.from_pretrained(saved, device_map=device_map, offload_folder=tmp_path / "offload")
 
     edit_weights(saved, lambda state: state.update({"decoder.conv_out.bias": torch.zeros(3)}))
-    with pytest.raises(ValueError, match=r"NaN or inf weights in \['encoder.conv_in.weight'\]"):
+    with pytest.raises(ValueError, match=r"NaN or inf.*encoder.conv_in.weight"):
         CustomVAE.from_pretrained(saved, device_map={"encoder": "disk", "decoder": "cpu"}, offload_folder=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- shared checks
+
+
+def test_weight_value_problem_names_each_kind():
+    """One check of weight values, asked by from_pretrained, load_vae and convert_tutorial_checkpoint alike."""
+    from diffusers_custom_vae.modeling_custom_vae import weight_value_problem
+
+    assert weight_value_problem(torch.ones(2)) is None
+    assert weight_value_problem(torch.ones(2, dtype=torch.int8)) == "not floating-point"
+    assert weight_value_problem(torch.tensor([1.0, float("nan")])) == "not finite"
+    assert weight_value_problem(torch.tensor([1e6]), torch.float16) == "overflows"
+    assert weight_value_problem(torch.tensor([1e6]), torch.bfloat16) is None
+
+
+def test_unsafe_pickle_globals_lists_objects_without_running_them(tmp_path, tiny_vae):
+    """One pickle check, asked by from_pretrained, convert_tutorial_checkpoint and the trainer's resume alike."""
+    from diffusers_custom_vae.modeling_custom_vae import unsafe_pickle_globals
+
+    torch.save(tiny_vae.state_dict(), tmp_path / "weights.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "objects.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert unsafe_pickle_globals(tmp_path / "weights.pt") == []
+    assert unsafe_pickle_globals(tmp_path / "objects.pt") == ["torch.nn.modules.linear.Linear"]
+    assert unsafe_pickle_globals(tmp_path / "legacy.pt") is None  # torch lists the objects of zip archives only

@@ -1,5 +1,5 @@
 """CustomVAE's behaviour: shapes, the diffusers contract, gradients, slicing, tiling, and agreement with the
-tutorial's own classes (`diffusers_custom_vae/tutorial.py`). Tiny configs unless the point is the default
+tutorial's own classes (`benchmarks/tutorial.py`). Tiny configs unless the point is the default
 architecture."""
 
 import copy
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from diffusers_custom_vae import CustomVAE, CustomVAEOutput, tutorial
+from benchmarks import tutorial
+from diffusers_custom_vae import CustomVAE, CustomVAEOutput
 from diffusers_custom_vae.modeling_custom_vae import (
     AttentionBlock,
     AutoencoderKLOutput,
@@ -20,6 +21,7 @@ from diffusers_custom_vae.modeling_custom_vae import (
     DiagonalGaussianDistribution,
     SelfAttention,
     _tile_spans,
+    _tiled,
 )
 
 # name -> (config, (height, width)); every image is non-square.
@@ -78,6 +80,8 @@ def test_shapes_across_configs(name):
     latent_shape = (2, latent_channels, height // f, width // f)
     assert posterior.mean.shape == posterior.logvar.shape == z.shape == latent_shape
     assert reconstruction.shape == forward.shape == (2, channels_out, height, width)
+    for tensor in (posterior.mean, posterior.logvar, z, reconstruction, forward):
+        assert torch.isfinite(tensor).all()
 
 
 # ---------------------------------------------------------------------------------------------------- contracts
@@ -296,7 +300,7 @@ def test_tile_blending_is_exact_for_local_operations(levels, overlap_latents, di
     else:
         x, scale_in, scale_out = torch.randn(2, 3, 21 * f, 30 * f), f, 1
         fn = lambda t: torch.einsum("oc,bchw->bohw", mix_channels, F.avg_pool2d(t, f))
-    tiled = vae._tiled(fn, x, scale_in=scale_in, scale_out=scale_out)
+    tiled = _tiled(fn, x, scale_in, scale_out, *vae._tile_in_latents())
     expected = fn(x)
     assert tiled.shape == expected.shape == (2, 5, 21 * scale_out, 30 * scale_out)
     torch.testing.assert_close(tiled, expected, atol=1e-5, rtol=1e-5)
@@ -405,7 +409,7 @@ def test_inputs_within_one_tile_are_untouched(tiny_vae):
 @pytest.mark.parametrize("size, overlap", [(33, 8), (32, 7), (32, 32), (16, 24)])
 def test_enable_tiling_rejects_sizes_off_the_latent_grid(tiny_vae, size, overlap):
     with pytest.raises(
-        ValueError, match=f"downsampling factor 2.*tile_sample_min_size={size}, tile_overlap={overlap}"
+        ValueError, match=f"factor 2.*tile_sample_min_size={size}.*tile_overlap={overlap}"
     ):
         tiny_vae.enable_tiling(tile_sample_min_size=size, tile_overlap=overlap)
     assert not tiny_vae.use_tiling
@@ -470,14 +474,14 @@ def test_attention_processors_are_listed_and_set_as_for_autoencoder_kl(tiny_vae)
         again = tiny_vae(x).sample
     torch.testing.assert_close(explicit, scaled_dot_product, atol=1e-5, rtol=1e-5)
     assert torch.equal(again, scaled_dot_product)
-    with pytest.raises(ValueError, match="number of processors 1 does not match the number of attention layers: 2"):
+    with pytest.raises(ValueError, match="processors 1.*attention layers: 2"):
         tiny_vae.set_attn_processor({attention_names(tiny_vae)[0]: AttnProcessor()})
 
 
 def test_processors_that_expect_separate_q_k_v_are_refused_by_name(tiny_vae):
     from diffusers.models.attention_processor import SlicedAttnProcessor
 
-    with pytest.raises(ValueError, match="one fused projection .*AttnProcessor2_0.*got SlicedAttnProcessor"):
+    with pytest.raises(ValueError, match="AttnProcessor2_0.*SlicedAttnProcessor"):
         tiny_vae.set_attn_processor(SlicedAttnProcessor(slice_size=1))
     assert {type(p) for p in tiny_vae.attn_processors.values()} == {AttnProcessor2_0}
 
@@ -533,19 +537,19 @@ def test_tutorial_state_dict_loads_into_the_default_config_with_the_same_outputs
 
 
 def test_encode_names_the_expected_channel_count(tiny_vae):
-    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\), got \(1, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\).*\(1, 4, 8, 8\)"):
         tiny_vae.encode(torch.zeros(1, 4, 8, 8))
 
 
 def test_encode_rejects_three_dimensional_input(tiny_vae):
-    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\), got \(3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\).*\(3, 8, 8\)"):
         tiny_vae.encode(torch.zeros(3, 8, 8))
 
 
 def test_decode_names_the_expected_latent_channel_count(tiny_vae):
-    with pytest.raises(ValueError, match=r"latents of shape \(batch, 4, height, width\), got \(1, 3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"latents.*\(batch, 4, height, width\).*\(1, 3, 4, 4\)"):
         tiny_vae.decode(torch.zeros(1, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"\(batch, 4, height, width\), got \(4, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"\(batch, 4, height, width\).*\(4, 4, 4\)"):
         tiny_vae.decode(torch.zeros(4, 4, 4))
 
 
@@ -554,28 +558,28 @@ def test_decode_names_the_expected_latent_channel_count(tiny_vae):
 )
 def test_encode_and_decode_refuse_tensors_that_are_not_real_floating_point(tiny_vae, dtype):
     """Cast to the VAE's dtype, 0-255 pixels would become a silently wrong posterior (uint8: mean all 0)."""
-    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+    with pytest.raises(TypeError, match=f"images.*floating-point.*{dtype}"):
         tiny_vae.encode(torch.ones(1, 3, 8, 8, dtype=dtype))
-    with pytest.raises(TypeError, match=f"latents of a floating-point dtype.*got {dtype}"):
+    with pytest.raises(TypeError, match=f"latents.*floating-point.*{dtype}"):
         tiny_vae.decode(torch.ones(1, 4, 4, 4, dtype=dtype))
-    with pytest.raises(TypeError, match=f"images of a floating-point dtype.*got {dtype}"):
+    with pytest.raises(TypeError, match=f"images.*floating-point.*{dtype}"):
         tiny_vae(torch.ones(1, 3, 8, 8, dtype=dtype))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 8, 8), (1, 3, 0, 8)], ids=["empty batch", "no rows"])
 def test_empty_inputs_are_refused_clearly(tiny_vae, shape):
-    with pytest.raises(ValueError, match=rf"images of shape \({', '.join(map(str, shape))}\), which hold no values"):
+    with pytest.raises(ValueError, match=rf"images.*\({', '.join(map(str, shape))}\).*no values"):
         tiny_vae.encode(torch.zeros(shape))
-    with pytest.raises(ValueError, match="latents of shape .*which hold no values"):
+    with pytest.raises(ValueError, match="latents.*no values"):
         tiny_vae.decode(torch.zeros(shape[0], 4, *shape[2:]))
 
 
 def test_encode_names_what_it_got_instead_of_a_tensor(tiny_vae):
     from PIL import Image
 
-    with pytest.raises(TypeError, match=r"expected images as a torch.Tensor .*got PIL.Image.Image.*pil_to_tensor"):
+    with pytest.raises(TypeError, match=r"images.*torch.Tensor.*PIL.Image.Image.*pil_to_tensor"):
         tiny_vae.encode(Image.new("RGB", (8, 8)))
-    with pytest.raises(TypeError, match="expected latents as a torch.Tensor .*got numpy.ndarray"):
+    with pytest.raises(TypeError, match="latents.*torch.Tensor.*numpy.ndarray"):
         tiny_vae.decode(torch.zeros(1, 4, 4, 4).numpy())
 
 
@@ -595,23 +599,23 @@ def test_every_floating_point_dtype_is_served(tiny_vae, dtype):
 )
 def test_encode_names_the_downsampling_factor(name, size, factor):
     vae = CustomVAE(**CONFIGS[name][0])
-    with pytest.raises(ValueError, match=f"multiples of {factor} .*got {size[0]}x{size[1]}"):
+    with pytest.raises(ValueError, match=f"{factor}.*{size[0]}x{size[1]}"):
         vae.encode(torch.zeros(1, 3, *size))
 
 
 def test_images_smaller_than_one_latent_get_a_size_they_can_be_resized_to():
     vae = CustomVAE(**CONFIGS["three-levels-no-attention"][0])
-    with pytest.raises(ValueError, match="got 2x6; resize or crop to e.g. 4x4"):
+    with pytest.raises(ValueError, match="2x6.*4x4"):
         vae.encode(torch.zeros(1, 3, 2, 6))
 
 
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(block_out_channels=(8, 12), norm_num_groups=8), r"multiple of norm_num_groups=8, got \(8, 12\)"),
-        (dict(num_attention_heads=3), "16 must be a multiple of num_attention_heads=3"),
-        (dict(block_out_channels=()), r"block_out_channels must be a non-empty list of positive ints.*got \(\)"),
-        (dict(layers_per_block=0), "layers_per_block must be a positive int, got 0"),
+        (dict(block_out_channels=(8, 12), norm_num_groups=8), r"norm_num_groups=8.*\(8, 12\)"),
+        (dict(num_attention_heads=3), "16.*num_attention_heads=3"),
+        (dict(block_out_channels=()), r"block_out_channels.*positive ints.*\(\)"),
+        (dict(layers_per_block=0), "layers_per_block.*positive int.*0"),
     ],
     ids=["width-vs-groups", "bottleneck-vs-heads", "no-levels", "no-layers"],
 )
@@ -657,16 +661,16 @@ WRONG_TYPE = [
     [(field, value, "a positive int") for field, value in NOT_POSITIVE] + WRONG_TYPE,
 )
 def test_configs_out_of_range_or_of_the_wrong_type_are_refused_naming_the_field(field, value, expected):
-    message = rf"CustomVAE config: {field} must be {expected}.*, got {re.escape(repr(value))}\.$"
+    message = rf"{field}.*{expected}.*{re.escape(repr(value))}"
     with pytest.raises(ValueError, match=message):
         CustomVAE(**{**TWO_LEVELS, field: value})
-    with pytest.raises(ValueError, match=rf"{field} must be {expected}"):  # config.json's route in
+    with pytest.raises(ValueError, match=rf"{field}.*{expected}"):  # config.json's route in
         CustomVAE.from_config({**TWO_LEVELS, field: value})
 
 
 def test_numpy_integers_are_refused_before_save_pretrained_would_fail_on_them():
     """config.json cannot hold numpy integers: the model built, and save_pretrained raised a TypeError."""
-    with pytest.raises(ValueError, match=r"block_out_channels must be a non-empty list of positive ints"):
+    with pytest.raises(ValueError, match=r"block_out_channels.*positive ints"):
         CustomVAE(**{**TWO_LEVELS, "block_out_channels": tuple(np.array([8, 16]))})
 
 

@@ -64,9 +64,9 @@ def test_save_pipeline_names_the_vae_by_its_modeling_file(tmp_path):
     pipe = tiny_pipeline()
     with pytest.warns(LatentSpaceWarning):
         swap_vae(pipe, tiny_custom_vae())
-    with pytest.raises(ValueError, match="upload with diffusers_custom_vae.push_pipeline_to_hub"):
+    with pytest.raises(ValueError, match="push_pipeline_to_hub"):
         save_pipeline(pipe, tmp_path, push_to_hub=True)  # would upload before model_index.json is fixed
-    with pytest.raises(TypeError, match=r"save_pipeline expected a diffusers pipeline as `pipe`, got a CustomVAE"):
+    with pytest.raises(TypeError, match="pipe.*CustomVAE"):
         save_pipeline(pipe.vae, tmp_path)  # wrote the VAE's folder, then failed on the missing model_index.json
     assert list(tmp_path.iterdir()) == []
     save_pipeline(pipe, tmp_path)
@@ -94,7 +94,6 @@ for name, load in (("vae", AutoModel.from_pretrained), ("pipe", DiffusionPipelin
 
 vae = AutoModel.from_pretrained("dog-vae", trust_remote_code=True)
 result["vae_class"] = f"{type(vae).__module__}.{type(vae).__name__}"
-result["card_renderer"] = repr(type(vae).model_card_renderer)
 cached_vae = AutoModel.from_pretrained(snapshot_download("user/dog-vae"), trust_remote_code=True)  # offline: cached
 x = load_file("x.safetensors")["x"]
 with torch.no_grad():
@@ -190,7 +189,6 @@ def test_automodel_loads_a_saved_vae_without_the_package(without_package):
     assert "Pass `trust_remote_code=True`" in result["vae_without_trust"]
     assert result["vae_class"].startswith("diffusers_modules.")  # diffusers' module for remote code, not the package
     assert result["vae_class"].endswith(".modeling_custom_vae.CustomVAE")
-    assert result["card_renderer"] == "None"  # so its push_to_hub falls back to diffusers' own
     outputs = load_file(folder / "vae_outputs.safetensors")
     assert torch.equal(outputs["folder"], expected["vae"]) and torch.equal(outputs["cache"], expected["vae"])
     assert "NaN or inf weights in ['decoder.conv_in.bias']" in result["nan"]

@@ -26,6 +26,8 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 
+from ..modeling_custom_vae import unsafe_pickle_globals
+
 # The trainer's own names: a user's "checkpoint-2-old" or "checkpoint-002" is not one (no leading zeros).
 CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)")
 PARTIAL_NAME = re.compile(r"checkpoint-(0|[1-9]\d*)\.partial")
@@ -265,22 +267,12 @@ def _load_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        unsafe = _unsafe_globals(path)
-        if unsafe:
+        if unsafe := unsafe_pickle_globals(path):  # None or []: damaged rather than unsafe
             raise CheckpointError(
                 f"{path} holds pickled Python objects ({', '.join(unsafe[:3])}), not only tensors: refused for "
                 "safety, since loading it could run code."
             ) from error
         raise
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python objects a torch.save file would have to construct beyond tensors and plain values ([] if none, or
-    if the file is not a readable torch.save archive)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not an archive at all: damaged rather than unsafe
-        return []
 
 
 def _rng_state() -> dict:

@@ -1,7 +1,7 @@
 """The tutorial's VAE exactly as printed, with one fix: its decoder's channel changes made consistent
 (`VisualBlock(128, 64)` and `VisualBlock(64, 32)`; as printed, `VisualBlock(64)` receives 128 channels).
 
-The library does not use this file. It is the reference that tests and benchmarks hold `CustomVAE` against: same
+The package does not ship this file. It is the reference that tests and benchmarks hold `CustomVAE` against: same
 parameter names, same outputs, and the explicit-softmax attention whose memory grows with the square of the tokens.
 """
 
