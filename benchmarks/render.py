@@ -16,10 +16,12 @@ committed results.
 
 Adding a benchmark `benchmark_NAME`:
 
-1. In benchmarks/benchmark_NAME.py, put the numbers and the common keys above in a dict and end `main` with
-   `publish("benchmark_NAME", data, args.results, args.output)`.
-2. Here, write `NAME_section(data) -> list[str]`, its markdown lines from that dict (`header`, `target_lines`, `table`
-   and `number` do the common parts), and add `"benchmark_NAME": NAME_section` to `SECTIONS`.
+1. In benchmarks/benchmark_NAME.py, give the command line `--results` and `--output` (as benchmark_training.py
+   does), put the numbers in a dict with the common keys above (`report.the_run(...)` gives the first four, and
+   `dataclasses.asdict` a `Target`), and end `main` with `publish("benchmark_NAME", data, args.results, args.output)`.
+2. Here, write `NAME_section(data) -> list[str]`, its markdown lines from that dict (`about_the_run`, `targets`,
+   `table`, `columns`, `number` and `ratio` do the common parts), and add `"benchmark_NAME": NAME_section` to
+   `SECTIONS`.
 3. Run it once in full, and commit benchmarks/results/benchmark_NAME.json and BENCHMARKS.md.
 """
 
