@@ -4,7 +4,8 @@
     python -m benchmarks.benchmark_training  # the main job: CustomVAE vs AutoencoderKL, same trainer, same budget
     python -m benchmarks.benchmark_distillation  # students in a teacher's latent space: fidelity, decode speed
 
-Each writes its own section of BENCHMARKS.md (`report.py`); `measure.py` is how they time and measure memory, and
-`models.py` builds the AutoencoderKL they compare against, `tutorial.py` is the tutorial's own VAE (the reference
-that tests and benchmarks hold `CustomVAE` against). Not part of the installed package.
+Each saves its results in benchmarks/results/, from which `render.py` writes BENCHMARKS.md; `measure.py` is how they
+time and measure memory, `models.py` builds the AutoencoderKL they compare against, and `tutorial.py` is the
+tutorial's own VAE (the reference that tests and benchmarks hold `CustomVAE` against). Not part of the installed
+package.
 """

@@ -2,31 +2,29 @@
 same budget: how faithfully they stand in for the teacher, and how much faster they decode.
 
     python -m benchmarks.benchmark_distillation [--quick] [--teacher FOLDER] [--students default small]
-        [--train_config JSON] [--device cpu|cuda] [--output BENCHMARKS.md] [--image PNG]
+        [--train_config JSON] [--device cpu|cuda] [--results DIR] [--output BENCHMARKS.md] [--image PNG]
 
 In one run: trains the teacher (an `AutoencoderKL` of CustomVAE's widths, on the embedded photos, with TrainConfig's
 defaults: the main job's budget), or takes `--teacher`; distils each student (`CustomVAE()` with the teacher's latent
 channels, and the "small" preset) with the same budget through `train(TrainConfig(teacher_vae=...))`, whose held-out
 metrics are `evaluate_distillation`'s; then times the decoders (students, teacher, and an `AutoencoderKL` with Stable
 Diffusion's exact VAE architecture, random weights: speed only) taking turns at 512 px, and decodes one 512 and one
-1024 px image with each, in a process of its own, for time and peak memory. The report, with the targets checked, is
-printed and written into this module's section of BENCHMARKS.md, with an image of held-out photos decoded by the
-teacher and each student from the teacher's latents. `--train_config` changes the budget of every training alike.
-`--quick` runs every code path at tiny sizes (a smoke test: the numbers mean nothing).
+1024 px image with each, in a process of its own, for time and peak memory. The results, with the targets checked, are
+saved as benchmarks/results/benchmark_distillation.json, and BENCHMARKS.md is rendered from them (`render.py`), with an
+image of held-out photos decoded by the teacher and each student from the teacher's latents. `--train_config` changes
+the budget of every training alike. `--quick` runs every code path at tiny sizes (a smoke test: the numbers mean
+nothing).
 """
 
 import argparse
 import dataclasses
 import multiprocessing
 import os
-import shlex
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +38,8 @@ from diffusers_custom_vae.training import DistillationObjective, TrainConfig, VA
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
-from .report import Target, json_object, machine_description, publish
+from .render import OUTPUT, RESULTS, publish
+from .report import Target, budget, json_object, the_run
 
 SECTION = "benchmark_distillation"
 COMMAND = "python -m benchmarks.benchmark_distillation"
@@ -187,11 +186,12 @@ def decodes_grid(teacher, students: dict, images: torch.Tensor):
     return image_grid([row.float().cpu().clamp(-1, 1) for row in rows])
 
 
-# The run and its report.
+# The run and its targets.
 
 
 def run(configs: dict[str, TrainConfig], teacher_folder: str, plan: Plan, device: str, image: Path) -> dict:
-    """Trains, then measures; results as `targets` and `report` read them."""
+    """Trains, then measures: what `train` returned for the teacher (None when given) and each student, their decoder
+    parameters, decode seconds, {side: {model: large decode}}, and the load average as the run went on."""
     load = {"before": os.getloadavg()[0]}
     trained = {
         name: train(config, DistillationObjective if config.teacher_vae else VAEObjective)
@@ -279,162 +279,6 @@ def targets(results: dict, plan: Plan) -> list[Target]:
     return found
 
 
-def _cell(value, digits: int) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def report(
-    results: dict,
-    configs: dict,
-    teacher_given: str | None,
-    plan: Plan,
-    device: str,
-    command: str,
-    wall_seconds: float,
-    image: str,
-) -> str:
-    students, parameters = results["students"], results["parameters"]
-    budget = next(iter(configs.values()))
-    first = next(iter(students.values()))
-    load = ", ".join(f"{when} {value:.2f}" for when, value in results["load"].items())
-    if teacher_given:
-        teacher_line = f"given: `{teacher_given}`"
-    else:
-        teacher_line = (
-            f"an `AutoencoderKL` with block_out_channels {CUSTOM_VAE_WIDTHS} (CustomVAE's widths; 4 "
-            "Down/UpDecoderBlock2D, layers_per_block 2, 4 latent channels), trained by the same trainer on the "
-            "same photos with the same budget"
-        )
-    lines = [
-        "## Distillation: CustomVAE students in an AutoencoderKL's latent space "
-        "(`benchmarks/benchmark_distillation.py`)",
-        "",
-        f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
-        f"- Command: `{command}`",
-        f"- Machine: {machine_description(device)}; decodes on {device}, float32",
-        f"- Load average (1 min): {load} (other work on the machine slows the timings and adds noise; the models "
-        "took turns, so ratios measured in this run are what count)",
-        f"- Training budget, for each model: {first['train_steps']} steps of {budget.train_batch_size} images at "
-        f"{budget.resolution[0]}x{budget.resolution[1]} from the embedded photos, learning rate "
-        f"{budget.learning_rate} ({budget.lr_scheduler}, {budget.lr_warmup_steps} warm-up steps), "
-        f"{budget.rec_loss}, seed {budget.seed}: the defaults of `python examples/train_vae.py` unless the command "
-        "says otherwise.",
-        f"- Teacher: {teacher_line}.",
-        "- Students: distilled by `train(TrainConfig(teacher_vae=...))` (`--teacher_vae`): latent regression onto the "
-        f"teacher's posterior ({budget.latent_scale}), {budget.rec_loss} reconstruction of the images from latents "
-        "sampled from the teacher's posterior; "
-        + "; ".join(f"{LABELS[name]}: {parameters[name] / 1e6:.2f} M decoder parameters" for name in students)
-        + ".",
-        f"- SD's VAE architecture: `AutoencoderKL` with block_out_channels {STABLE_DIFFUSION_WIDTHS}, the VAE of "
-        f"Stable Diffusion 1.x/2.x and SDXL ({parameters[SD] / 1e6:.1f} M decoder parameters), random weights: "
-        "timed only.",
-        f"- Held-out: {first['split']}; metrics by `evaluate_distillation`, from the posteriors' modes.",
-        "",
-        "### Targets",
-        "",
-        *(target.markdown() for target in targets(results, plan)),
-        "",
-        "### Fidelity on the held-out photos",
-        "",
-        "PSNR against the originals of each model's decode of the teacher's latents; then the student's decode "
-        "against the teacher's decode of the same latents; the teacher's decode of the model's own latents (for the "
-        "teacher: its reconstruction); encoder agreement: |student latents - teacher latents| / |teacher latents|.",
-        "",
-        "| model | PSNR (dB) | SSIM | MS-SSIM | vs the teacher's decode (dB) | teacher decodes its latents (dB) | "
-        "latent relative error | training images/s | minutes of steps |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    teacher = results["teacher"] or {}
-    lines.append(
-        "| "
-        + " | ".join(
-            [
-                LABELS["teacher"],
-                _cell(first["teacher_psnr"], 2),
-                _cell(teacher.get("ssim", "-"), 4),
-                _cell(teacher.get("ms_ssim", "-"), 4),
-                "-",
-                _cell(first["teacher_psnr"], 2),
-                "-",
-                _cell(teacher.get("train_images_per_second", "-"), 2),
-                _cell(teacher["train_seconds"] / 60 if teacher else "-", 1),
-            ]
-        )
-        + " |"
-    )
-    for name, metrics in students.items():
-        cells = [
-            LABELS[name],
-            _cell(metrics["psnr"], 2),
-            _cell(metrics["ssim"], 4),
-            _cell(metrics["ms_ssim"], 4),
-            _cell(metrics["student_vs_teacher_psnr"], 2),
-            _cell(metrics["teacher_decodes_student_psnr"], 2),
-            _cell(metrics["latent_relative_error"], 3),
-            _cell(metrics["train_images_per_second"], 2),
-            _cell(metrics["train_seconds"] / 60, 1),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-
-    seconds = results["decode_seconds"]
-    side = plan.speed_side
-    lines += [
-        "",
-        f"### Decoding one {side}x{side} image: seconds (lower is better)",
-        "",
-        f"Random latents, under `torch.no_grad()`; `torch.utils.benchmark` in {plan.rounds} round(s) in which the "
-        "models take turns, each turn one untimed warm-up call, then timed calls for at least "
-        f"{plan.min_run_time:g} s (at least one); the median of the timed calls.",
-        "",
-        "| model | decoder parameters (M) | seconds | teacher's time / model's | SD architecture's time / model's |",
-        "|---|---|---|---|---|",
-    ]
-    for name in seconds:
-        lines.append(
-            f"| {LABELS[name]} | {parameters[name] / 1e6:.2f} | {seconds[name]:.3f} | "
-            f"{seconds['teacher'] / seconds[name]:.2f} | {seconds[SD] / seconds[name]:.2f} |"
-        )
-
-    large = results["large"]
-    headers = [f"{side}x{side}: {what}" for side in large for what in ("seconds", "peak GB", "SD's time / model's")]
-    lines += [
-        "",
-        "### Decoding one image in a process of its own: seconds and peak memory (lower is better)",
-        "",
-        f"One untimed {plan.warmup_side} px warm-up decode, then one timed decode. Peak memory: "
-        + (
-            "torch.cuda.max_memory_allocated during the decode minus torch.cuda.memory_allocated before it"
-            if device == "cuda"
-            else "the process's peak resident set size during the decode (VmHWM, reset just before it) minus its "
-            "resident set size just before it (imports, model and latents loaded)"
-        )
-        + ".",
-        "",
-        "| model | " + " | ".join(headers) + " |",
-        "|---|" + "---|" * len(headers),
-    ]
-    for name in LABELS:
-        if name not in large[plan.large_sides[0]]:
-            continue
-        cells = []
-        for cases in large.values():
-            case, sd = cases[name], cases[SD]
-            if isinstance(case, str):
-                cells += [case, "-", "-"]
-                continue
-            ratio = f"{sd['seconds'] / case['seconds']:.2f}" if isinstance(sd, dict) else "-"
-            cells += [f"{case['seconds']:.2f}", f"{case['peak_gb']:.2f}", ratio]
-        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Held-out photos (top), the teacher's decode of their latents, then each student's decode of the same latents "
-        f"({', '.join(LABELS[name] for name in students)}):",
-        "",
-        f"![held-out photos, the teacher's and the students' decodes]({image})",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """The command line; returns `run`'s results."""
     parser = argparse.ArgumentParser(
@@ -461,12 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
         "(default: none, the main job's budget; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the decodes are timed")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
     parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-        help="markdown file whose benchmark_distillation section is rewritten (default: BENCHMARKS.md at the "
-        "repository root)",
+        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
     )
     parser.add_argument(
         "--image",
@@ -495,7 +336,6 @@ def main(argv: list[str] | None = None) -> dict:
     fields = {**(QUICK_FIELDS if args.quick else {}), **args.train_config}
     plan = QUICK if args.quick else FULL
 
-    command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         try:
@@ -504,9 +344,21 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--train_config: {error}")
         teacher_folder = args.teacher or configs["teacher"].output_dir
         results = run(configs, teacher_folder, plan, args.device, args.image)
-    image = os.path.relpath(args.image, args.output.parent)  # as the markdown file links it
-    markdown = report(results, configs, args.teacher, plan, args.device, command, time.perf_counter() - start, image)
-    publish(args.output, SECTION, markdown)
+    data = {
+        **the_run(COMMAND, argv, start, args.device),
+        "device": args.device,
+        "load_average": results["load"],
+        "budget": budget(next(iter(configs.values()))),
+        "teacher_given": args.teacher,
+        "autoencoder_kl_widths": CUSTOM_VAE_WIDTHS,
+        "sd_widths": STABLE_DIFFUSION_WIDTHS,
+        "labels": LABELS,
+        "plan": dataclasses.asdict(plan),
+        "targets": [dataclasses.asdict(target) for target in targets(results, plan)],
+        **{key: results[key] for key in ("teacher", "students", "parameters", "decode_seconds", "large")},
+        "image": os.path.relpath(args.image, args.results),  # as the results file links it
+    }
+    publish(SECTION, data, args.results, args.output)
     return results
 
 

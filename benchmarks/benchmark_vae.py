@@ -1,24 +1,23 @@
 """Benchmark `CustomVAE` against the tutorial's own VAE and diffusers' `AutoencoderKL` of equal width.
 
-    python -m benchmarks.benchmark_vae [--quick] [--device cpu|cuda] [--output BENCHMARKS.md]
+    python -m benchmarks.benchmark_vae [--quick] [--device cpu|cuda] [--results DIR] [--output BENCHMARKS.md]
 
 In one run on one machine, for the three models: training-step images/s, encode and decode images/s, and the time and
 peak memory of decoding one large image with and without tiling, each in a process of its own so that peaks don't mix.
-The report, with CustomVAE's targets checked, is printed and written into this module's section of BENCHMARKS.md.
-`--quick` runs every code path at tiny sizes (a smoke test: the numbers mean nothing).
+The results, with CustomVAE's targets checked, are saved as benchmarks/results/benchmark_vae.json, and BENCHMARKS.md
+is rendered from them (`render.py`). `--quick` runs every code path at tiny sizes (a smoke test: the numbers mean
+nothing).
 """
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from diffusers_custom_vae import CustomVAE
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
-from .report import Target, machine_description, publish
+from .render import OUTPUT, RESULTS, publish
+from .report import Target, the_run
 
 SECTION = "benchmark_vae"
 COMMAND = "python -m benchmarks.benchmark_vae"
@@ -180,11 +180,13 @@ def large_decode(name: str, size: int, tiled: bool, plan: Plan, device: str, pro
             return "failed: the process died (out of memory? its error, if any, is printed above)"
 
 
-# The run and its report.
+# The run and its targets.
 
 
 def run(plan: Plan, device: str) -> dict:
-    """Every measurement: results[table][key][model] is a number, or a string saying why there is none."""
+    """Every measurement: results[table][resolution][model] is a number (images/s) for the tables "train", "encode"
+    and "decode"; results["large"][side]["untiled" or "tiled"][model] a dict of seconds, peak_gb and baseline_gb. Where
+    there is no measurement, a string says why."""
     vaes = {}
     for name, subject in SUBJECTS.items():
         torch.manual_seed(0)
@@ -194,43 +196,29 @@ def run(plan: Plan, device: str) -> dict:
     # process also runs this module's top level again as its "__main__": cheap, its imports being done.)
     processes = multiprocessing.get_context("forkserver")
     processes.set_forkserver_preload(["benchmarks.benchmark_vae"])
-    cases = []  # (table, key, what the progress bar says, measurement() -> {model: value})
+    cases = []  # (where in results, what the progress bar says, measurement() -> {model: value})
     for resolution, batch in plan.train.items():
         measure = partial(training_images_per_second, vaes, resolution, batch, plan, device)
-        cases.append(("train", resolution, f"train {resolution} px", measure))
+        cases.append((("train", resolution), f"train {resolution} px", measure))
     for operation in ("encode", "decode"):
         for resolution, batch in plan.inference.items():
             measure = partial(inference_images_per_second, vaes, operation, resolution, batch, plan, device)
-            cases.append((operation, resolution, f"{operation} {resolution} px", measure))
+            cases.append(((operation, resolution), f"{operation} {resolution} px", measure))
     for size in plan.large_decode:
-        for tiled in (False, True):
+        for tiling in ("untiled", "tiled"):
             for name in SUBJECTS:
-                measure = partial(large_decode, name, size, tiled, plan, device, processes)
-                label = f"decode one {size} px image, {'tiled' if tiled else 'untiled'}, {name}"
-                cases.append(("large", (size, tiled), label, lambda name=name, measure=measure: {name: measure()}))
-    results = {"train": {}, "encode": {}, "decode": {}, "large": {}}
+                measure = partial(large_decode, name, size, tiling == "tiled", plan, device, processes)
+                label = f"decode one {size} px image, {tiling}, {name}"
+                cases.append((("large", size, tiling), label, lambda name=name, measure=measure: {name: measure()}))
+    results = {}
     with tqdm(cases, desc="benchmark_vae", unit="case") as progress:
-        for table, key, label, measure in progress:
+        for keys, label, measure in progress:
             progress.set_postfix_str(label)
-            results[table].setdefault(key, {}).update(measure())
+            case = results
+            for key in keys:
+                case = case.setdefault(key, {})
+            case.update(measure())
     return results
-
-
-def _table(headers: list[str], rows: list[tuple[list[str], dict]], number: Callable, digits: int) -> list[str]:
-    """Markdown rows of the three models' values and the ratios CustomVAE / AutoencoderKL and CustomVAE / tutorial;
-    `number` picks the number out of a measurement, and strings (why there is none) are shown as they are."""
-    lines = [
-        "| " + " | ".join([*headers, *SUBJECTS, "CustomVAE / AutoencoderKL", "CustomVAE / tutorial"]) + " |",
-        "|" + "---|" * (len(headers) + len(SUBJECTS) + 2),
-    ]
-    for labels, values in rows:
-        numbers = {name: value if isinstance(value, str) else number(value) for name, value in values.items()}
-        cells = [f"{n:.{digits}f}" if isinstance(n, float) else n for n in numbers.values()]
-        for other in ("AutoencoderKL", "tutorial"):
-            mine, theirs = numbers["CustomVAE"], numbers[other]
-            cells.append(f"{mine / theirs:.2f}" if isinstance(mine, float) and isinstance(theirs, float) else "-")
-        lines.append("| " + " | ".join([*labels, *cells]) + " |")
-    return lines
 
 
 def targets(results: dict, plan: Plan) -> list[Target]:
@@ -246,7 +234,7 @@ def targets(results: dict, plan: Plan) -> list[Target]:
 
     large, small = plan.large_decode[-1], max(plan.inference)
     what = f"{large}x{large} decoded (tiled) with a peak memory of at most 3 GB"
-    case = results["large"][(large, True)]["CustomVAE"]
+    case = results["large"][large]["tiled"]["CustomVAE"]
     if isinstance(case, str):
         found.append(Target(what, case, 3.0, at_least=False, detail=case))
     else:
@@ -254,12 +242,11 @@ def targets(results: dict, plan: Plan) -> list[Target]:
         found.append(Target(what, case["peak_gb"], 3.0, at_least=False, detail=detail))
 
     small_seconds_per_megapixel = 1e6 / (results["decode"][small]["CustomVAE"] * small**2)
-    for tiled in (True, False):
+    for tiling in ("tiled", "untiled"):
         what = (
-            f"decode time per megapixel at {large}x{large} ({'tiled' if tiled else 'untiled'}) at most 1.5x that at "
-            f"{small}x{small} (untiled)"
+            f"decode time per megapixel at {large}x{large} ({tiling}) at most 1.5x that at {small}x{small} (untiled)"
         )
-        case = results["large"][(large, tiled)]["CustomVAE"]
+        case = results["large"][large][tiling]["CustomVAE"]
         if isinstance(case, str):
             found.append(Target(what, case, 1.5, at_least=False, detail=case))
             continue
@@ -270,90 +257,6 @@ def targets(results: dict, plan: Plan) -> list[Target]:
     return found
 
 
-def report(results: dict, plan: Plan, device: str, command: str, wall_seconds: float, load_before: float) -> str:
-    millions = {name: sum(p.numel() for p in subject.build().parameters()) / 1e6 for name, subject in SUBJECTS.items()}
-    lines = [
-        "## VAE: CustomVAE vs the tutorial's VAE vs AutoencoderKL (`benchmarks/benchmark_vae.py`)",
-        "",
-        f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
-        f"- Command: `{command}`",
-        f"- Machine: {machine_description(device)}; device {device}, float32",
-        f"- Load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        "(other work on the machine makes the timings slower and noisier)",
-        f"- Models, with random weights and inputs: `CustomVAE()`, the default config ({millions['CustomVAE']:.2f} M "
-        f"parameters); tutorial: `benchmarks.tutorial.VAE`, explicit softmax attention "
-        f"({millions['tutorial']:.2f} M); `AutoencoderKL` with block_out_channels {CUSTOM_VAE_WIDTHS}, "
-        "4 DownEncoderBlock2D / UpDecoderBlock2D, layers_per_block 2, latent_channels 4, norm_num_groups 32 "
-        f"({millions['AutoencoderKL']:.2f} M)",
-        f"- Timing: `torch.utils.benchmark`, in {plan.rounds} round(s) in which the models take turns (a change in "
-        "the machine's load falls on all of them alike); each turn is one untimed warm-up call, then timed calls "
-        f"for at least {plan.min_run_time:g} s, at least one (`Timer.blocked_autorange`). Each figure is the median "
-        "of the timed calls. Large decodes: one warm-up decode, then one timed.",
-        "",
-        "### Targets",
-        "",
-        "What CustomVAE is built to reach, checked on this run's numbers:",
-        "",
-        *(target.markdown() for target in targets(results, plan)),
-        "",
-        "### Training step, images/s (higher is better)",
-        "",
-        "One step: encode, sample the posterior, decode, L1 + 1e-6 KL loss, backward, AdamW.",
-        "",
-    ]
-    rows = [
-        ([f"{resolution} px", str(batch)], results["train"][resolution]) for resolution, batch in plan.train.items()
-    ]
-    lines += _table(["resolution", "batch"], rows, float, 2)
-    lines += [
-        "",
-        "### Inference, images/s (higher is better)",
-        "",
-        "Under `torch.no_grad()`: encode gives the posterior's moments, decode the image.",
-        "",
-    ]
-    rows = [
-        ([operation, f"{resolution} px", str(batch)], results[operation][resolution])
-        for operation in ("encode", "decode")
-        for resolution, batch in plan.inference.items()
-    ]
-    lines += _table(["operation", "resolution", "batch"], rows, float, 2)
-
-    large = results["large"]
-    rows = [([f"{size}x{size}", "tiled" if tiled else "untiled"], large[(size, tiled)]) for size, tiled in large]
-    lines += [
-        "",
-        "### Decoding one large image: seconds (lower is better)",
-        "",
-        f"Each case runs in a process of its own: one warm-up decode, then one timed. Tiling: {plan.tile} px tiles "
-        f"(`enable_tiling()`); CustomVAE overlaps them by {plan.tile // DOWNSAMPLING} px, AutoencoderKL by a quarter "
-        "of a tile (its fixed `tile_overlap_factor`). The tutorial has no tiling.",
-        "",
-        *_table(["image", "tiling"], rows, lambda case: case["seconds"], 1),
-    ]
-    if device == "cuda":
-        definition = "torch.cuda.max_memory_allocated during the decodes minus torch.cuda.memory_allocated before them"
-    else:
-        definition = (
-            "the process's peak resident set size during the decodes (VmHWM, reset just before them) minus its "
-            "resident set size just before them"
-        )
-    baselines = [
-        f"{name} {max(measured):.2f} GB"
-        for name in SUBJECTS
-        if (measured := [case[name]["baseline_gb"] for case in large.values() if isinstance(case[name], dict)])
-    ]
-    lines += [
-        "",
-        "### Decoding one large image: peak memory, GB (lower is better)",
-        "",
-        f"Peak memory: {definition}. Baseline (imports, model and latents loaded): {', '.join(baselines)}.",
-        "",
-        *_table(["image", "tiling"], rows, lambda case: case["peak_gb"], 2),
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """The command line; returns `run`'s results."""
     parser = argparse.ArgumentParser(
@@ -361,11 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
     parser.add_argument(
-        "--output",
-        type=Path,
-        default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
-        help="markdown file whose benchmark_vae section is rewritten (default: BENCHMARKS.md at the repository root)",
+        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -376,9 +277,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     results = run(plan, args.device)
-    command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
-    markdown = report(results, plan, args.device, command, time.perf_counter() - start, load_before)
-    publish(args.output, SECTION, markdown)
+    data = {
+        **the_run(COMMAND, argv, start, args.device),
+        "device": args.device,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "parameters": {
+            name: sum(p.numel() for p in subject.build().parameters()) for name, subject in SUBJECTS.items()
+        },
+        "autoencoder_kl_widths": CUSTOM_VAE_WIDTHS,
+        "plan": dataclasses.asdict(plan),
+        "targets": [dataclasses.asdict(target) for target in targets(results, plan)],
+        **results,
+    }
+    publish(SECTION, data, args.results, args.output)
     return results
 
 

@@ -1,13 +1,15 @@
-"""The benchmarks' reports: targets checked on the numbers, the machine in one line, and BENCHMARKS.md, which the
-benchmark scripts share: each owns a section between two markers and rewrites only it."""
+"""What the benchmarks' results share: targets checked on the numbers, and what every results file says of its run
+(`render.py` turns the results into BENCHMARKS.md)."""
 
 import argparse
 import json
 import os
 import platform
-import re
+import shlex
+import sys
+import time
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
 
 import diffusers
 import torch
@@ -33,31 +35,6 @@ class Target:
         return f"- **{'PASS' if self.met else 'FAIL'}**: {self.what}: {self.detail}"
 
 
-_HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to refresh it.\n"
-
-
-def write_section(path: str | Path, name: str, markdown: str) -> None:
-    """Puts `markdown` between `<!-- {name}:start -->` and `<!-- {name}:end -->` in the file at `path`.
-
-    The section's old text is replaced and the rest of the file is left as it was; a missing section is appended, and a
-    missing file is created.
-    """
-    if not re.fullmatch(r"[\w-]+", name):
-        raise ValueError(f"Section name must be letters, digits, '_' or '-', got {name!r}.")
-    path = Path(path)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = f"{start}\n{markdown.strip()}\n{end}"
-    text = path.read_text() if path.exists() else _HEADER
-    if text.count(start) != text.count(end) or text.count(start) > 1 or text.find(end) < text.find(start):
-        raise ValueError(f"{path} must hold the markers {start} and {end} once each, in that order; fix it by hand.")
-    if start in text:
-        before, rest = text.split(start)
-        text = before + section + rest.split(end)[1]
-    else:
-        text = f"{text.rstrip()}\n\n{section}\n"
-    path.write_text(text)
-
-
 def machine_description(device: str) -> str:
     """CPU, cores, memory (and GPU), Python, torch, its threads and diffusers, in one line."""
     with open("/proc/cpuinfo") as cpuinfo:
@@ -71,12 +48,22 @@ def machine_description(device: str) -> str:
     )
 
 
-def publish(path: str | Path, name: str, markdown: str) -> None:
-    """Prints a report, then writes it into its section of BENCHMARKS.md (printed first: a file that cannot be
-    written loses nothing)."""
-    print(markdown)
-    write_section(path, name, markdown)
-    print(f"\nWritten to the {name} section of {os.fspath(path)}")
+def the_run(command: str, argv: list[str] | None, start: float, device: str) -> dict:
+    """What every results file says of its run: the date, the wall time since `start` (a `time.perf_counter()`), the
+    command line (`command` with `argv`, or with sys.argv's arguments), and the machine."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return {
+        "date": f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        "wall_seconds": time.perf_counter() - start,
+        "command": " ".join([command, shlex.join(arguments)]).strip(),
+        "machine": machine_description(device),
+    }
+
+
+def budget(config) -> dict:
+    """The fields of a TrainConfig that make a training budget, as the results files record them."""
+    fields = ("train_batch_size", "resolution", "learning_rate", "lr_scheduler", "lr_warmup_steps", "rec_loss")
+    return {field: getattr(config, field) for field in (*fields, "kl_scale", "seed", "latent_scale")}
 
 
 def json_object(text: str) -> dict:

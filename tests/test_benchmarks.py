@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from benchmarks import benchmark_distillation, benchmark_training, benchmark_vae
+from benchmarks import benchmark_distillation, benchmark_training, benchmark_vae, render
 from benchmarks.measure import PeakMemory, interleaved_times
 from benchmarks.models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
-from benchmarks.report import Target, write_section
+from benchmarks.report import Target
 from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.evaluation import common_crop
@@ -62,8 +62,8 @@ def test_large_decodes_that_would_exhaust_memory_are_skipped_not_run(monkeypatch
     monkeypatch.setattr(benchmark_vae, "available_gb", lambda device: 16.0)
     # No process pool is passed: a case that tried to run would fail.
     skipped = benchmark_vae.large_decode("tutorial", 2048, False, benchmark_vae.FULL, "cpu", processes=None)
-    assert skipped == "skipped: needs ~138 GB (16 GB free)"
-    assert benchmark_vae.large_decode("tutorial", 2048, True, benchmark_vae.FULL, "cpu", None) == "n/a (no tiling)"
+    assert skipped.startswith("skipped") and "138 GB" in skipped and "16 GB free" in skipped
+    assert "no tiling" in benchmark_vae.large_decode("tutorial", 2048, True, benchmark_vae.FULL, "cpu", None)
     assert benchmark_vae.estimated_decode_gb("tutorial", 1024, False, benchmark_vae.FULL) == pytest.approx(
         8.7, abs=0.2
     )
@@ -77,7 +77,7 @@ def _results(custom_vae_images_per_second: float, large_decode: dict | str) -> d
         "train": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.train},
         "encode": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.inference},
         "decode": {resolution: dict(speeds) for resolution in benchmark_vae.QUICK.inference},
-        "large": {(96, tiled): {"CustomVAE": large_decode} for tiled in (False, True)},
+        "large": {96: {tiling: {"CustomVAE": large_decode} for tiling in ("untiled", "tiled")}},
     }
 
 
@@ -115,29 +115,30 @@ def test_the_autoencoder_kl_compared_has_custom_vaes_widths_or_stable_diffusions
     assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
 
 
-def test_write_section_creates_replaces_and_appends(tmp_path):
-    path = tmp_path / "BENCHMARKS.md"
-    write_section(path, "first", "old")
-    write_section(path, "second", "kept\n")
-    write_section(path, "first", "new")
-    text = path.read_text()
-    assert text.startswith("# Benchmarks")
-    assert "<!-- first:start -->\nnew\n<!-- first:end -->" in text and "old" not in text
-    assert text.index("first:end") < text.index("<!-- second:start -->\nkept\n<!-- second:end -->")
+def test_benchmarks_md_is_what_the_renderer_makes_of_the_committed_results():
+    assert (render.REPO / "BENCHMARKS.md").read_text() == render.render(render.RESULTS, render.OUTPUT)
+    for path in render.RESULTS.glob("*.json"):
+        image = json.loads(path.read_text()).get("image")
+        assert image is None or (path.parent / image).is_file(), image
 
 
-@pytest.mark.parametrize("content", ["<!-- vae:start -->\nonly a start", "<!-- vae:end -->\n<!-- vae:start -->"])
-def test_write_section_refuses_broken_markers_and_leaves_the_file(tmp_path, content):
-    path = tmp_path / "BENCHMARKS.md"
-    path.write_text(content)
-    with pytest.raises(ValueError, match="<!-- vae:start -->"):
-        write_section(path, "vae", "numbers")
-    assert path.read_text() == content
+def test_results_without_a_section_are_refused_by_name(tmp_path):
+    (tmp_path / "benchmark_new.json").write_text("{}")
+    with pytest.raises(ValueError, match="benchmark_new"):
+        render.render(tmp_path, tmp_path / "BENCHMARKS.md")
 
 
-def test_write_section_refuses_a_name_that_cannot_be_a_marker(tmp_path):
-    with pytest.raises(ValueError, match="'two words'"):
-        write_section(tmp_path / "BENCHMARKS.md", "two words", "numbers")
+def test_publish_saves_the_results_and_renders_every_section(tmp_path, capsys):
+    results, output = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    data = json.loads((render.RESULTS / "benchmark_training.json").read_text())
+    data["models"]["CustomVAE"]["psnr"] = 99.0
+    render.publish("benchmark_training", data, results, output)
+    assert json.loads((results / "benchmark_training.json").read_text()) == data
+    text = output.read_text()
+    assert text == render.render(results, output) and "| CustomVAE | 99.00 |" in text
+    assert (
+        "| CustomVAE | 99.00 |" in capsys.readouterr().out
+    )  # printed first: a file that can't be written loses nothing
 
 
 def test_both_trained_models_get_the_same_budget_and_their_own_folder(tmp_path):
@@ -155,20 +156,30 @@ def test_both_trained_models_get_the_same_budget_and_their_own_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("train_config", "message"),
+    ("train_config", "nouns"),
     [
-        ('{"output_dir": "x"}', "output_dir: expected TrainConfig fields other than"),
-        ('{"resolutoin": 64}', "resolutoin: expected TrainConfig fields"),
-        ("[64]", "a JSON object of TrainConfig fields was expected, got '[64]'"),
-        ('{"resolution": 0}', "resolution must be one or two positive integers"),
-        ('{"learning_rate": -1}', "--learning_rate must be a positive number, got -1"),
+        ('{"output_dir": "x"}', ["output_dir", "TrainConfig fields"]),
+        ('{"resolutoin": 64}', ["resolutoin", "TrainConfig fields"]),
+        ("[64]", ["JSON object", "[64]"]),
+        ('{"resolution": 0}', ["resolution", "positive integers"]),
+        ('{"learning_rate": -1}', ["learning_rate", "positive number", "-1"]),
     ],
 )
-def test_the_training_benchmark_refuses_a_bad_train_config_before_training(tmp_path, capsys, train_config, message):
+def test_the_training_benchmark_refuses_a_bad_train_config_before_training(tmp_path, capsys, train_config, nouns):
     with pytest.raises(SystemExit):
-        benchmark_training.main(["--train_config", train_config, "--output", str(tmp_path / "B.md")])
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "B.md").exists()
+        benchmark_training.main(
+            [
+                "--train_config",
+                train_config,
+                "--results",
+                str(tmp_path / "results"),
+                "--output",
+                str(tmp_path / "B.md"),
+            ]
+        )
+    error = capsys.readouterr().err
+    assert all(noun in error for noun in nouns), error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_training_target_is_met_when_custom_vae_reconstructs_at_least_as_well():
@@ -180,23 +191,26 @@ def test_the_training_target_is_met_when_custom_vae_reconstructs_at_least_as_wel
 
 
 @pytest.mark.slow
-def test_quick_vae_benchmark_measures_every_case_and_writes_only_its_section(tmp_path, capsys):
-    output = tmp_path / "BENCHMARKS.md"
-    output.write_text("# Benchmarks\n\n<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->\n")
-    results = benchmark_vae.main(["--quick", "--output", str(output)])
+def test_quick_vae_benchmark_measures_every_case_saves_its_results_and_renders_them(tmp_path, capsys):
+    output, saved = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    saved.mkdir()
+    (saved / "benchmark_training.json").write_text((render.RESULTS / "benchmark_training.json").read_text())
+    results = benchmark_vae.main(["--quick", "--results", str(saved), "--output", str(output)])
 
     plan = QUICK
     for table, cases in [("train", plan.train), ("encode", plan.inference), ("decode", plan.inference)]:
         assert list(results[table]) == list(cases)
         assert all(_finite_positive(results[table][key][model]) for key in cases for model in MODELS), table
-    assert list(results["large"]) == [(size, tiled) for size in plan.large_decode for tiled in (False, True)]
-    for (_, tiled), case in results["large"].items():
-        for model in MODELS:
-            if model == "tutorial" and tiled:
-                assert case[model] == "n/a (no tiling)"
-                continue
-            assert _finite_positive(case[model]["seconds"]) and _finite_positive(case[model]["baseline_gb"])
-            assert math.isfinite(case[model]["peak_gb"]) and case[model]["peak_gb"] >= 0
+    assert list(results["large"]) == list(plan.large_decode)
+    for cases in results["large"].values():
+        assert list(cases) == ["untiled", "tiled"]
+        for tiling, case in cases.items():
+            for model in MODELS:
+                if model == "tutorial" and tiling == "tiled":
+                    assert "no tiling" in case[model]
+                    continue
+                assert _finite_positive(case[model]["seconds"]) and _finite_positive(case[model]["baseline_gb"])
+                assert math.isfinite(case[model]["peak_gb"]) and case[model]["peak_gb"] >= 0
 
     targets = benchmark_vae.targets(results, plan)
     assert len(targets) == 5 and all(math.isfinite(target.measured) for target in targets)
@@ -205,17 +219,21 @@ def test_quick_vae_benchmark_measures_every_case_and_writes_only_its_section(tmp
         assert target.measured == speeds["CustomVAE"] / speeds["AutoencoderKL"]
         assert target.met == (speeds["CustomVAE"] >= speeds["AutoencoderKL"])
 
+    data = json.loads((saved / "benchmark_vae.json").read_text())
+    assert [target["detail"] for target in data["targets"]] == [target.detail for target in targets]
     text = output.read_text()
-    assert "<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->" in text
-    section = text.split("<!-- benchmark_vae:start -->")[1].split("<!-- benchmark_vae:end -->")[0]
-    assert section.strip() in capsys.readouterr().out  # printed first: a file that can't be written loses nothing
-    assert "torch threads: 1" in section and "`python -m benchmarks.benchmark_vae --quick --output" in section
+    assert text == render.render(saved, output) and "## The main job" in text  # the other results kept
+    section = "\n".join(render.vae_section(data))
+    assert section in text and section in capsys.readouterr().out
+    assert "torch threads: 1" in section and "`python -m benchmarks.benchmark_vae --quick --results" in section
 
 
 @pytest.mark.slow
 def test_quick_training_benchmark_trains_and_compares_both_models(tmp_path):
-    output, image = tmp_path / "BENCHMARKS.md", tmp_path / "comparison.png"
-    results = benchmark_training.main(["--quick", "--output", str(output), "--image", str(image)])
+    output, image, saved = tmp_path / "BENCHMARKS.md", tmp_path / "comparison.png", tmp_path / "results"
+    results = benchmark_training.main(
+        ["--quick", "--results", str(saved), "--output", str(output), "--image", str(image)]
+    )
 
     assert list(results) == ["CustomVAE", "AutoencoderKL"]
     for result in results.values():
@@ -223,9 +241,10 @@ def test_quick_training_benchmark_trains_and_compares_both_models(tmp_path):
         assert all(math.isfinite(result[metric]) for metric in ("psnr", "ssim", "ms_ssim"))
     side = common_crop(load_data().test).shape[-1]
     assert Image.open(image).height == 3 * (side + 2) + 2  # the photos, then a row per model
-    section = output.read_text().split("<!-- benchmark_training:start -->")[1]
-    assert benchmark_training.target(results).markdown() in section
-    assert "![held-out photos and their reconstructions](comparison.png)" in section
+    assert json.loads((saved / "benchmark_training.json").read_text())["models"] == results
+    text = output.read_text()
+    assert benchmark_training.target(results).markdown() in text
+    assert "![held-out photos and their reconstructions](comparison.png)" in text
 
 
 # benchmark_distillation
@@ -316,7 +335,8 @@ def test_large_distillation_decodes_that_would_exhaust_memory_are_skipped_not_ru
     sd = benchmark_distillation.Decoder(None, STABLE_DIFFUSION_WIDTHS)
     # No process pool is passed: a case that tried to run would fail.
     skipped = benchmark_distillation.large_decode(sd, 1024, benchmark_distillation.FULL, "cpu", processes=None)
-    assert skipped == "skipped: needs ~6 GB (4 GB free)"  # six 256-channel float32 activations at 1024x1024
+    # six 256-channel float32 activations at 1024x1024
+    assert skipped.startswith("skipped") and "6 GB" in skipped and "4 GB free" in skipped
 
 
 def test_distillation_decoder_parameters_are_those_of_the_decoding_side():
@@ -329,28 +349,38 @@ def test_distillation_decoder_parameters_are_those_of_the_decoding_side():
 
 
 @pytest.mark.parametrize(
-    ("arguments", "message"),
+    ("arguments", "nouns"),
     [
-        (["--teacher", "no/such/folder"], "--teacher no/such/folder:"),
-        (["--train_config", '{"teacher_vae": "x"}'], "teacher_vae: expected TrainConfig fields other than"),
-        (["--train_config", '{"resolution": 0}'], "resolution must be one or two positive integers"),
-        (["--students", "large"], "invalid choice: 'large'"),
+        (["--teacher", "no/such/folder"], ["--teacher", "no/such/folder"]),
+        (["--train_config", '{"teacher_vae": "x"}'], ["teacher_vae", "TrainConfig fields"]),
+        (["--train_config", '{"resolution": 0}'], ["resolution", "positive integers"]),
+        (["--students", "large"], ["--students", "large"]),
     ],
 )
-def test_the_distillation_benchmark_refuses_bad_arguments_before_training(tmp_path, capsys, arguments, message):
+def test_the_distillation_benchmark_refuses_bad_arguments_before_training(tmp_path, capsys, arguments, nouns):
     with pytest.raises(SystemExit):
         benchmark_distillation.main(
-            [*arguments, "--output", str(tmp_path / "B.md"), "--image", str(tmp_path / "i.png")]
+            [
+                *arguments,
+                "--results",
+                str(tmp_path / "r"),
+                "--output",
+                str(tmp_path / "B.md"),
+                "--image",
+                str(tmp_path / "i.png"),
+            ]
         )
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert all(noun in error for noun in nouns), error
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_quick_distillation_benchmark_trains_measures_and_writes_its_section(tmp_path, capsys):
-    output, image = tmp_path / "BENCHMARKS.md", tmp_path / "decodes.png"
-    output.write_text("# Benchmarks\n\n<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->\n")
-    results = benchmark_distillation.main(["--quick", "--output", str(output), "--image", str(image)])
+    output, image, saved = tmp_path / "BENCHMARKS.md", tmp_path / "decodes.png", tmp_path / "results"
+    results = benchmark_distillation.main(
+        ["--quick", "--results", str(saved), "--output", str(output), "--image", str(image)]
+    )
 
     assert results["teacher"]["train_steps"] == 2 and math.isfinite(results["teacher"]["psnr"])
     assert list(results["students"]) == ["default", "small"]
@@ -375,9 +405,8 @@ def test_quick_distillation_benchmark_trains_measures_and_writes_its_section(tmp
     assert len(targets) == 5 and all(math.isfinite(target.measured) for target in targets)
     side = common_crop(load_data().test).shape[-1]
     assert Image.open(image).height == 4 * (side + 2) + 2  # the photos, the teacher, each student
-    text = output.read_text()
-    assert "<!-- trainer:start -->\nthe trainer's numbers\n<!-- trainer:end -->" in text
-    section = text.split("<!-- benchmark_distillation:start -->")[1].split("<!-- benchmark_distillation:end -->")[0]
-    assert section.strip() in capsys.readouterr().out
+    data = json.loads((saved / "benchmark_distillation.json").read_text())
+    section = "\n".join(render.distillation_section(data | {"image_link": "decodes.png"}))
+    assert section in output.read_text() and section in capsys.readouterr().out
     assert all(target.markdown() in section for target in targets)
     assert "![held-out photos, the teacher's and the students' decodes](decodes.png)" in section

@@ -400,13 +400,13 @@ def test_example_refuses_bad_preview_arguments_in_one_line(load_example, saved, 
 
 
 def test_the_readme_snippet_runs(tmp_path, monkeypatch):
-    """The README's "Live previews" snippet as printed, on a tiny pipeline (50 steps, its default)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = re.findall(r"```python\n(.*?)```", readme.split("### Live previews", 1)[1], flags=re.S)[0]
+    """docs/distillation.md's "Live previews" snippet as printed, on a tiny pipeline (50 steps, its default)."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "distillation.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", docs.split("## Live previews", 1)[1], flags=re.S)[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(CustomVAE, "from_pretrained", lambda name: sd_preview_vae())  # "user/sd-tiny-vae"
     namespace = {"pipe": tiny_pipeline()}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/distillation.md", "exec"), namespace)
     frames = sorted(path.name for path in (tmp_path / "previews").glob("*.png"))
     assert frames == [f"step-{step:03d}.png" for step in range(5, 51, 5)]
     assert namespace["gif"] == Path("previews") / "previews.gif" and namespace["gif"].is_file()

@@ -1,4 +1,4 @@
-"""The README's promises: its Quick start is what CI runs, and its code runs as printed."""
+"""The README's promises: its Quick start is what CI runs, and its code, and docs/'s, runs as printed."""
 
 import re
 from pathlib import Path
@@ -9,10 +9,11 @@ from huggingface_hub import HfApi
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((REPO / "docs").glob("*.md"))}
 
 
-def code_blocks(language: str, after_heading: str) -> list[str]:
-    section = README.split(after_heading, 1)[1]
+def code_blocks(language: str, after_heading: str, text: str = README) -> list[str]:
+    section = text.split(after_heading, 1)[1]
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
@@ -37,8 +38,8 @@ def test_the_model_snippet_runs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
-    assert namespace["reconstruction"].shape == (2, 3, 256, 256)
-    assert namespace["output"].sample.shape == (2, 3, 256, 256)
+    for images in (namespace["reconstruction"], namespace["output"].sample):
+        assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
     assert (tmp_path / "dog-vae" / "config.json").exists()
     assert [p.name for p in uploaded[0]] == [
         "README.md",
@@ -50,16 +51,26 @@ def test_the_model_snippet_runs(tmp_path, monkeypatch):
 
 def test_the_scaling_factor_snippet_runs(tiny_vae, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    snippet = code_blocks("python", "### Scaling factor")[0]
+    snippet = code_blocks("python", "## Scaling factor", DOCS["stable-diffusion.md"])[0]
     namespace = {"vae": tiny_vae, "images": torch.rand(4, 3, 16, 16) * 2 - 1}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/stable-diffusion.md", "exec"), namespace)
     assert tiny_vae.config.scaling_factor == namespace["scaling_factor"] != 1.0
     assert (tmp_path / "dog-vae" / "config.json").exists()
 
 
-def test_every_example_the_readme_names_exists():
-    for script in set(re.findall(r"examples/(\w+)\.py", README)):
-        assert (REPO / "examples" / f"{script}.py").exists(), script
-    benchmarks = re.findall(r"benchmarks/(\w+)\.py", README) + re.findall(r"python -m benchmarks\.(\w+)", README)
-    for module in set(benchmarks):
-        assert (REPO / "benchmarks" / f"{module}.py").exists(), module
+def test_every_example_benchmark_and_link_the_readme_and_docs_name_exists():
+    for name, text in {"README.md": README, **DOCS}.items():
+        folder = REPO if name == "README.md" else REPO / "docs"
+        for script in set(re.findall(r"examples/(\w+)\.py", text)):
+            assert (REPO / "examples" / f"{script}.py").exists(), (name, script)
+        benchmarks = re.findall(r"benchmarks/(\w+)\.py", text) + re.findall(r"python -m benchmarks\.(\w+)", text)
+        for module in set(benchmarks):
+            assert (REPO / "benchmarks" / f"{module}.py").exists(), (name, module)
+        for link in re.findall(r"\]\(([^)#:]+)\)", text):  # relative links: images and other documents
+            assert (folder / link).exists(), (name, link)
+
+
+def test_the_readme_is_short_and_every_doc_is_linked_from_it():
+    assert len(README.splitlines()) <= 160
+    for name in DOCS:
+        assert f"(docs/{name})" in README, name
