@@ -252,7 +252,9 @@ def build_demo(
                     interactive=False,
                 )
                 metrics = gr.JSON(label="Metrics (PSNR and SSIM of the reconstruction as shown)")
-            channels = gr.Gallery(label="Latent channels (each stretched to its own range)", format="png", columns=8)
+            channels = gr.Gallery(
+                label="Latent channels (each stretched to its own range)", format="png", columns=8, height="auto"
+            )
             button.click(
                 reconstruct, image_in, [reconstruction, original, heat_map, channels, metrics], api_name="reconstruct"
             )

@@ -1,7 +1,10 @@
 """The demo app (diffusers_custom_vae.app): its image functions, and the real server driven by gradio_client."""
 
 import concurrent.futures
+import io
 import json
+import os
+import re
 import socket
 from pathlib import Path
 
@@ -246,3 +249,71 @@ def test_the_space_entry_point_builds_the_same_app(models, monkeypatch):
 
     assert endpoints(space.demo) == endpoints(direct)
     assert {"/reconstruct", "/compare", "/interpolate", "/generate"} <= endpoints(direct).keys()
+
+
+# A real browser (Debian's chromium through Playwright)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def reconstruct_in_browser(url: str, image_path: str, screenshots: Path, viewport=(1280, 900)) -> dict:
+    """Opens the app, uploads `image_path`, presses Reconstruct and waits for the reconstruction and its metrics.
+
+    Returns {"psnr": the PSNR the page shows, "reconstruction": the image the page shows (PIL), "outside": addresses
+    of requests that left 127.0.0.1}; screenshots of the page go to `screenshots`."""
+    from playwright.sync_api import expect, sync_playwright
+
+    screenshots.mkdir(parents=True, exist_ok=True)
+    outside = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+        local = ("http://127.0.0.1", "data:", "blob:")
+        page.on("request", lambda request: request.url.startswith(local) or outside.append(request.url))
+        page.goto(url)
+        button = page.get_by_role("button", name="Reconstruct", exact=True)
+        button.wait_for(timeout=30_000)
+        page.screenshot(path=screenshots / "1-opened.png", full_page=True)
+        page.locator("input[type=file]").first.set_input_files(image_path)
+        button.click()
+        metrics = page.get_by_test_id("json")
+        expect(metrics).to_contain_text('"psnr"', timeout=60_000)
+        reconstruction = page.locator(".block", has_text="Reconstruction (").locator("img").first
+        expect(reconstruction).to_be_visible(timeout=30_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=reconstruction.element_handle())
+        page.screenshot(path=screenshots / "2-reconstructed.png", full_page=True)
+        shown_psnr = float(re.search(r'"psnr"\s*:\s*([-\d.]+)', metrics.inner_text()).group(1))
+        image_bytes = page.request.get(reconstruction.get_attribute("src")).body()
+        browser.close()
+    return {
+        "psnr": shown_psnr,
+        "reconstruction": Image.open(io.BytesIO(image_bytes)).convert("RGB"),
+        "outside": outside,
+    }
+
+
+@pytest.mark.slow
+def test_a_browser_uploads_a_photo_and_sees_the_reconstruction_and_its_psnr(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    pytest.importorskip("playwright")
+    demo, _, folder = server
+    image = photo(120, 200, seed=3)
+    screenshots = Path(os.environ.get("APP_SCREENSHOTS", tmp_path / "screenshots"))
+    print(f"screenshots: {screenshots}")
+    seen = reconstruct_in_browser(demo.local_url, save(image, folder, "browser.png"), screenshots)
+    assert seen["reconstruction"].size == image.size
+    recomputed = psnr(pil_to_tensor(seen["reconstruction"])[None], pil_to_tensor(image)[None]).item()
+    assert np.isfinite(seen["psnr"]) and seen["psnr"] == pytest.approx(recomputed, abs=1e-3)
+    assert seen["outside"] == []  # the page asked nothing of the internet (fonts, analytics, ...)
+    assert (screenshots / "2-reconstructed.png").stat().st_size > 10_000
