@@ -225,9 +225,9 @@ def build_demo(
             rows[-1].append("x".join(map(str, metrics["latent_shape"])))
         return gallery, rows
 
-    def interpolate(first_path, second_path, steps):
+    def interpolate(first_path, second_path, steps, side):
         first, second = checked(first_path, "a first image"), checked(second_path, "a second image")
-        path = interpolate_latents(main_vae, first, second, int(steps))  # (steps, 3, S, S)
+        path = interpolate_latents(main_vae, first, second, int(steps), int(side))  # (steps, 3, S, S)
         frames = tensor_to_pil(path)
         gif = os.path.join(tempfile.mkdtemp(prefix="diffusers-custom-vae-"), "interpolation.gif")
         # there and back again, so that the loop has no jump
@@ -275,12 +275,14 @@ def build_demo(
         with gr.Tab("Latents"):
             with gr.Row():
                 first_in, second_in = _image_input("First image"), _image_input("Second image")
-            steps_in = gr.Slider(3, 16, value=8, step=1, label="Steps")
+            with gr.Row():
+                steps_in = gr.Slider(3, 16, value=8, step=1, label="Steps")
+                side_in = gr.Slider(64, 512, value=256, step=32, label="Size (both images centre-cropped to a square)")
             interpolate_button = gr.Button("Interpolate", variant="primary")
             strip = gr.Image(label=f"Decoded path, first to second ({main_name})", format="png", interactive=False)
             gif = gr.Image(label="As a GIF", type="filepath", format="gif", interactive=False)
             interpolate_button.click(
-                interpolate, [first_in, second_in, steps_in], [strip, gif], api_name="interpolate"
+                interpolate, [first_in, second_in, steps_in, side_in], [strip, gif], api_name="interpolate"
             )
             if examples:
                 gr.Examples([example_paths[:2]], [first_in, second_in], label="Two embedded photos")

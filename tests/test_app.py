@@ -317,3 +317,51 @@ def test_a_browser_uploads_a_photo_and_sees_the_reconstruction_and_its_psnr(serv
     assert np.isfinite(seen["psnr"]) and seen["psnr"] == pytest.approx(recomputed, abs=1e-3)
     assert seen["outside"] == []  # the page asked nothing of the internet (fonts, analytics, ...)
     assert (screenshots / "2-reconstructed.png").stat().st_size > 10_000
+
+
+def test_interpolate_decodes_the_path_as_a_strip_and_a_gif(server):
+    _, client, folder = server
+    first, second = save(photo(40, 60, seed=4), folder, "a.png"), save(photo(64, 48, seed=5), folder, "b.png")
+    strip, gif = client.predict(
+        gradio_client.handle_file(first), gradio_client.handle_file(second), 5, 64, api_name="/interpolate"
+    )
+    with Image.open(gif) as animation:
+        assert animation.format == "GIF" and animation.n_frames == 8  # 5 steps there, 3 back
+    assert Image.open(strip).width > 5 * Image.open(strip).height - 20  # five frames in a row
+
+
+def test_large_images_are_tiled_and_come_back_whole(tiny_vae):
+    tiny_vae.enable_tiling(tile_sample_min_size=32, tile_overlap=8)
+    image = photo(50, 90)
+    reconstruction, latents, metrics = reconstruct_image(tiny_vae, image)
+    assert reconstruction.size == image.size and list(latents.shape) == [4, 25, 45]
+    assert np.isfinite(metrics["psnr"]) and torch.isfinite(latents).all()
+
+
+def test_the_example_photos_are_the_embedded_ones_downscaled():
+    from diffusers_custom_vae.app import _example_photos
+    from diffusers_custom_vae.data.embedded import EMBEDDED_TEST_PHOTOS, EMBEDDED_TRAIN_PHOTOS
+
+    paths = _example_photos(max_side=128)
+    assert len(paths) == len(EMBEDDED_TEST_PHOTOS) + len(EMBEDDED_TRAIN_PHOTOS)
+    assert all(max(Image.open(path).size) == 128 for path in paths)
+
+
+def test_the_command_line_serves_on_the_loopback_address_by_default(models, run_example, monkeypatch):
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, demo=self))
+    run_example("app", ["--vae", str(models["custom"]), "--vae", str(models["akl"]), "--port", "7861"])
+    assert {k: launched[k] for k in ("server_name", "server_port", "share")} == {
+        "server_name": "127.0.0.1",
+        "server_port": 7861,
+        "share": False,
+    }
+    assert "/compare" in launched["demo"].get_api_info()["named_endpoints"]
+
+
+def test_the_command_line_names_a_missing_vae_in_one_line(run_example, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_example("app", ["--vae", str(tmp_path / "no-such-vae")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "no-such-vae" in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
