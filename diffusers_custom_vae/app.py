@@ -10,6 +10,7 @@ metrics see every pixel. VAEs tile images larger than their tile size (bounded m
 `max_image_side` are refused with a message. Gradio is imported only here (the `[app]` extra).
 """
 
+import functools
 import html
 import os
 import tempfile
@@ -153,7 +154,8 @@ def _image_input(label: str) -> gr.Image:
     return _ImageUpload(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"])
 
 
-def _example_photos(max_side: int = 512) -> list[str]:
+@functools.cache  # written once per process, whatever number of demos it builds
+def _example_photos(max_side: int = 512) -> tuple[str, ...]:
     """The embedded photos (see `data.embedded`) as PNG files of at most `max_side` pixels, for gr.Examples."""
     from .data.embedded import embedded_photos
 
@@ -165,7 +167,7 @@ def _example_photos(max_side: int = 512) -> list[str]:
         image.thumbnail((max_side, max_side))
         paths.append(os.path.join(folder, f"photo-{index}.png"))
         image.save(paths[-1])
-    return paths
+    return tuple(paths)
 
 
 def build_demo(
@@ -259,7 +261,7 @@ def build_demo(
                 reconstruct, image_in, [reconstruction, original, heat_map, channels, metrics], api_name="reconstruct"
             )
             if examples:
-                example_paths = _example_photos()
+                example_paths = list(_example_photos())
                 gr.Examples([[path] for path in example_paths], image_in, label="Embedded photos (click one)")
                 gr.Markdown(_credits(), elem_classes="credits")
         with gr.Tab("Compare"):
