@@ -131,7 +131,7 @@ def _read_upload(path: str | None, what: str = "an image") -> Image.Image:
     try:
         return load_image(path)
     except ValueError as error:
-        raise gr.Error(html.escape(str(error).replace(os.path.dirname(path) + os.sep, ""))) from error
+        raise gr.Error(html.escape(str(error).replace(os.path.dirname(path) + os.sep, ""), quote=False)) from error
 
 
 class _ImageUpload(gr.Image):
@@ -143,7 +143,7 @@ class _ImageUpload(gr.Image):
         try:
             return super().preprocess(payload)
         except (OSError, ValueError, SyntaxError) as error:
-            name = html.escape(getattr(payload, "orig_name", None) or "the upload")
+            name = html.escape(getattr(payload, "orig_name", None) or "the upload", quote=False)
             raise gr.Error(
                 f"Cannot read {name} as an image ({type(error).__name__}): upload a PNG or JPEG."
             ) from error
@@ -304,7 +304,9 @@ def _generate_tab(pipeline):
 
     def generate(label, count, seed, guidance, steps, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads it)
         if label not in pipeline.labels:
-            raise gr.Error(f"Unknown class {html.escape(str(label))!r}: choose one of {', '.join(labels)}.")
+            raise gr.Error(
+                f"Unknown class {html.escape(repr(label), quote=False)}: choose one of {', '.join(labels)}."
+            )
         generator = torch.Generator(pipeline.device).manual_seed(int(seed))
         class_labels = [pipeline.labels[label]] * int(count)
         output = pipeline(

@@ -143,7 +143,7 @@ class _ImageUpload(gr.Image):
         try:
             return super().preprocess(payload)
         except (OSError, ValueError, SyntaxError) as error:
-            name = html.escape(getattr(payload, "orig_name", None) or "the upload")
+            name = html.escape(getattr(payload, "orig_name", None) or "the upload", quote=False)
             raise gr.Error(
                 f"Cannot read {name} as an image ({type(error).__name__}): upload a PNG or JPEG."
             ) from error

@@ -195,7 +195,7 @@ def test_generate_gives_the_requested_number_of_images(server):
     [
         (None, "Nothing uploaded"),
         ("not-an-image.txt", "as an image"),
-        ("corrupt.png", "Cannot read"),
+        ("corrupt.png", "Cannot read image .corrupt.png.: image file is truncated"),
         ("huge.png", "up to 300 pixels"),
     ],
 )
