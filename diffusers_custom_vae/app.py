@@ -324,7 +324,7 @@ def _generate_tab(pipeline):
             steps_in = gr.Slider(2, 100, value=25, step=1, label="Steps")
         button = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(
-            label="Generated (the page shows the pipeline's steps as they run)", format="png", columns=4
+            label="Generated (a progress bar counts the steps while it runs)", format="png", columns=4
         )
         button.click(generate, [label_in, count_in, seed_in, guidance_in, steps_in], gallery, api_name="generate")
 
