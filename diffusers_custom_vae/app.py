@@ -17,20 +17,23 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageOps
+
+from .evaluation import _synchronize
+from .images import image_grid, load_image, pil_to_tensor, tensor_to_pil
+from .loading import load_vae
+from .metrics import psnr, ssim
+from .modeling_custom_vae import downsample_factor_of
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version check or analytics: the app runs offline
-
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import DiffusionPipeline  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from .evaluation import _synchronize  # noqa: E402
-from .images import image_grid, load_image, pil_to_tensor, tensor_to_pil  # noqa: E402
-from .loading import load_vae  # noqa: E402
-from .metrics import psnr, ssim  # noqa: E402
-from .modeling_custom_vae import downsample_factor_of  # noqa: E402
+try:
+    import gradio as gr
+except ImportError as error:
+    raise ImportError(f"The demo app needs gradio ({error}): pip install 'diffusers_custom_vae[app]'.") from error
 
 # Error heat map: black for no error, bright yellow for an error of this fraction of the range (or more).
 HEAT_MAP_FULL_SCALE = 0.25
@@ -255,7 +258,11 @@ def build_demo(
                 )
                 metrics = gr.JSON(label="Metrics (PSNR and SSIM of the reconstruction as shown)")
             channels = gr.Gallery(
-                label="Latent channels (each stretched to its own range)", format="png", columns=8, height="auto"
+                label="Latent channels (each stretched to its own range)",
+                format="png",
+                columns=8,
+                height="auto",
+                object_fit="contain",
             )
             button.click(
                 reconstruct, image_in, [reconstruction, original, heat_map, channels, metrics], api_name="reconstruct"
@@ -267,7 +274,13 @@ def build_demo(
         with gr.Tab("Compare"):
             compare_in = _image_input("Image")
             compare_button = gr.Button("Compare", variant="primary")
-            compare_gallery = gr.Gallery(label="Reconstructions, in the order given", format="png", columns=4)
+            compare_gallery = gr.Gallery(
+                label="Reconstructions, in the order given",
+                format="png",
+                columns=4,
+                object_fit="contain",
+                height="auto",
+            )
             compare_table = gr.Dataframe(
                 headers=["vae", "psnr", "ssim", "encode_ms", "decode_ms", "latent_shape"], label="Metrics per VAE"
             )
@@ -324,7 +337,10 @@ def _generate_tab(pipeline):
             steps_in = gr.Slider(2, 100, value=25, step=1, label="Steps")
         button = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(
-            label="Generated (a progress bar counts the steps while it runs)", format="png", columns=4
+            label="Generated (a progress bar counts the steps while it runs)",
+            format="png",
+            columns=4,
+            object_fit="contain",
         )
         button.click(generate, [label_in, count_in, seed_in, guidance_in, steps_in], gallery, api_name="generate")
 
