@@ -244,15 +244,19 @@ def build_demo(
         gr.Markdown(
             f"# VAE demo\nMain VAE: **{main_name}**. Loaded: {names}. Images up to {max_image_side} px a side."
         )
+        example_paths = list(_example_photos()) if examples else []
         with gr.Tab("Reconstruct"):
+            gr.Markdown("Upload an image (or click an embedded photo below it), then press **Reconstruct**.")
             with gr.Row():
                 image_in = _image_input("Image")
                 original = gr.Image(label="Original", format="png", interactive=False)
                 reconstruction = gr.Image(label=f"Reconstruction ({main_name})", format="png", interactive=False)
             button = gr.Button("Reconstruct", variant="primary")
+            if example_paths:
+                gr.Examples([[path] for path in example_paths], image_in, label="Embedded photos (click one)")
             with gr.Row():
                 heat_map = gr.Image(
-                    label=f"Error |reconstruction − original|: black 0, yellow ≥ {HEAT_MAP_FULL_SCALE:.0%} of the range",  # noqa: E501
+                    label=f"Error |reconstruction − original|: black 0, yellow ≥ {HEAT_MAP_FULL_SCALE:.0%}",
                     format="png",
                     interactive=False,
                 )
@@ -267,13 +271,11 @@ def build_demo(
             button.click(
                 reconstruct, image_in, [reconstruction, original, heat_map, channels, metrics], api_name="reconstruct"
             )
-            if examples:
-                example_paths = list(_example_photos())
-                gr.Examples([[path] for path in example_paths], image_in, label="Embedded photos (click one)")
-                gr.Markdown(_credits(), elem_classes="credits")
         with gr.Tab("Compare"):
             compare_in = _image_input("Image")
             compare_button = gr.Button("Compare", variant="primary")
+            if example_paths:
+                gr.Examples([[path] for path in example_paths], compare_in, label="Embedded photos (click one)")
             compare_gallery = gr.Gallery(
                 label="Reconstructions, in the order given",
                 format="png",
@@ -285,8 +287,6 @@ def build_demo(
                 headers=["vae", "psnr", "ssim", "encode_ms", "decode_ms", "latent_shape"], label="Metrics per VAE"
             )
             compare_button.click(compare, compare_in, [compare_gallery, compare_table], api_name="compare")
-            if examples:
-                gr.Examples([[path] for path in example_paths], compare_in, label="Embedded photos (click one)")
         with gr.Tab("Latents"):
             with gr.Row():
                 first_in, second_in = _image_input("First image"), _image_input("Second image")
@@ -294,15 +294,17 @@ def build_demo(
                 steps_in = gr.Slider(3, 16, value=8, step=1, label="Steps")
                 side_in = gr.Slider(64, 512, value=256, step=32, label="Size (both images centre-cropped to a square)")
             interpolate_button = gr.Button("Interpolate", variant="primary")
+            if example_paths:
+                gr.Examples([example_paths[:2]], [first_in, second_in], label="Two embedded photos")
             strip = gr.Image(label=f"Decoded path, first to second ({main_name})", format="png", interactive=False)
             gif = gr.Image(label="As a GIF", type="filepath", format="gif", interactive=False)
             interpolate_button.click(
                 interpolate, [first_in, second_in, steps_in, side_in], [strip, gif], api_name="interpolate"
             )
-            if examples:
-                gr.Examples([example_paths[:2]], [first_in, second_in], label="Two embedded photos")
         if pipeline is not None:
             _generate_tab(pipeline)
+        if example_paths:
+            gr.Markdown(_credits())
     return demo.queue(default_concurrency_limit=1)  # one request at a time; the others wait their turn
 
 
