@@ -12,8 +12,11 @@ metrics see every pixel. VAEs tile images larger than their tile size (bounded m
 
 import functools
 import html
+import itertools
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -269,7 +272,11 @@ def build_demo(
                 object_fit="contain",
             )
             button.click(
-                reconstruct, image_in, [reconstruction, original, heat_map, channels, metrics], api_name="reconstruct"
+                reconstruct,
+                image_in,
+                [reconstruction, original, heat_map, channels, metrics],
+                api_name="reconstruct",
+                concurrency_id="models",
             )
         with gr.Tab("Compare"):
             compare_in = _image_input("Image")
@@ -286,7 +293,9 @@ def build_demo(
             compare_table = gr.Dataframe(
                 headers=["vae", "psnr", "ssim", "encode_ms", "decode_ms", "latent_shape"], label="Metrics per VAE"
             )
-            compare_button.click(compare, compare_in, [compare_gallery, compare_table], api_name="compare")
+            compare_button.click(
+                compare, compare_in, [compare_gallery, compare_table], api_name="compare", concurrency_id="models"
+            )
         with gr.Tab("Latents"):
             with gr.Row():
                 first_in, second_in = _image_input("First image"), _image_input("Second image")
@@ -299,13 +308,17 @@ def build_demo(
             strip = gr.Image(label=f"Decoded path, first to second ({main_name})", format="png", interactive=False)
             gif = gr.Image(label="As a GIF", type="filepath", format="gif", interactive=False)
             interpolate_button.click(
-                interpolate, [first_in, second_in, steps_in, side_in], [strip, gif], api_name="interpolate"
+                interpolate,
+                [first_in, second_in, steps_in, side_in],
+                [strip, gif],
+                api_name="interpolate",
+                concurrency_id="models",
             )
         if pipeline is not None:
             _generate_tab(pipeline)
         if example_paths:
             gr.Markdown(_credits())
-    return demo.queue(default_concurrency_limit=1)  # one request at a time; the others wait their turn
+    return demo.queue(default_concurrency_limit=1)  # one model call at a time (memory); the others wait their turn
 
 
 def _generate_tab(pipeline):
@@ -317,17 +330,43 @@ def _generate_tab(pipeline):
             f"its model_index.json), got a {type(pipeline).__name__} without labels."
         )
 
-    def generate(label, count, seed, guidance, steps, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads it)
-        if label not in pipeline.labels:
-            raise gr.Error(
-                f"Unknown class {html.escape(repr(label), quote=False)}: choose one of {', '.join(labels)}."
-            )
+    def generate(label, count, seed, guidance, steps):
+        """Yields previews (the noisy latents of about every fifth of the steps, decoded), then the images."""
+        count, steps = int(count), int(steps)
         generator = torch.Generator(pipeline.device).manual_seed(int(seed))
-        class_labels = [pipeline.labels[label]] * int(count)
-        output = pipeline(
-            class_labels, guidance_scale=float(guidance), generator=generator, num_inference_steps=int(steps)
-        )
-        return output.images
+        updates, calls = queue.Queue(), itertools.count()  # (final, images or an exception), from the run's thread
+
+        # DiTPipeline has no step callback: a pre-hook on its transformer sees each step's latents instead.
+        def preview(module, args, kwargs):
+            if next(calls) % max(1, steps // 5) == 0:
+                latents = (args[0] if args else kwargs["hidden_states"])[:count]  # doubled under guidance: 1st half
+                vae = pipeline.vae
+                decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+                updates.put((False, tensor_to_pil(decoded.float().cpu())))
+
+        def run():
+            try:
+                class_labels = [pipeline.labels[label]] * count
+                images = pipeline(
+                    class_labels, guidance_scale=float(guidance), generator=generator, num_inference_steps=steps
+                ).images
+                updates.put((True, images))
+            except Exception as error:  # raised again in the request's thread, where gradio reports it
+                updates.put((True, error))
+
+        hook = pipeline.transformer.register_forward_pre_hook(preview, with_kwargs=True)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            final = False
+            while not final:
+                final, images = updates.get()
+                if isinstance(images, Exception):
+                    raise images
+                yield images
+        finally:
+            thread.join()
+            hook.remove()
 
     with gr.Tab("Generate"):
         with gr.Row():
@@ -339,12 +378,18 @@ def _generate_tab(pipeline):
             steps_in = gr.Slider(2, 100, value=25, step=1, label="Steps")
         button = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(
-            label="Generated (a progress bar counts the steps while it runs)",
+            label="Generated (while it runs: the latents of every fifth of the steps, decoded)",
             format="png",
             columns=4,
             object_fit="contain",
         )
-        button.click(generate, [label_in, count_in, seed_in, guidance_in, steps_in], gallery, api_name="generate")
+        button.click(
+            generate,
+            [label_in, count_in, seed_in, guidance_in, steps_in],
+            gallery,
+            api_name="generate",
+            concurrency_id="models",
+        )
 
 
 def _credits() -> str:

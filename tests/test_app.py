@@ -182,12 +182,23 @@ def test_compare_gives_one_reconstruction_and_one_row_per_vae_in_order(server):
     assert all(Image.open(item["image"]).size == (48, 32) for item in gallery)
 
 
-def test_generate_gives_the_requested_number_of_images(server):
+def test_generate_shows_the_steps_then_gives_the_requested_number_of_images(server):
     _, client, _ = server
-    images = client.predict("dog", 3, 7, 2.0, 2, api_name="/generate")
+    job = client.submit("dog", 3, 7, 2.0, 10, api_name="/generate")
+    images = job.result(timeout=60)
     assert len(images) == 3
     arrays = [np.asarray(Image.open(item["image"])) for item in images]
-    assert arrays[0].shape == (16, 16, 3)  # 8 latents, 2x VAE
+    assert arrays[0].shape == (16, 16, 3) and arrays[0].std() > 0  # 8 latents, 2x VAE
+    previews = job.outputs()[:-1]
+    assert len(previews) == 5 and all(len(preview) == 3 for preview in previews)  # every 2nd of 10 steps
+    first_preview = np.asarray(Image.open(previews[0][0]["image"]))
+    assert first_preview.shape == arrays[0].shape and not np.array_equal(first_preview, arrays[0])
+
+
+def test_generate_names_an_unknown_class(server):  # the dropdown's own check
+    _, client, _ = server
+    with pytest.raises(gradio_client.exceptions.AppError, match="horse.*'cat', 'dog'"):
+        client.predict("horse", 1, 0, 2.0, 2, api_name="/generate")
 
 
 @pytest.mark.parametrize(
