@@ -130,14 +130,23 @@ def _vae_names(vaes) -> list[tuple[str, object]]:
     return named
 
 
-def _read_upload(path: str | None, what: str = "an image") -> Image.Image:
-    """The uploaded file as RGB (`load_image`), or a `gr.Error` saying what is wrong with it."""
+def _read_upload(path: str | None, max_side: int, what: str = "an image") -> Image.Image:
+    """The uploaded file as RGB (`load_image`), or a `gr.Error` saying what is wrong with it. The size comes from the
+    file's header: an image over the cap is refused before it is decoded."""
     if path is None:
         raise gr.Error(f"Nothing uploaded: upload {what} (or click an example) first.")
     try:
-        return load_image(path)
-    except ValueError as error:
-        raise gr.Error(html.escape(str(error).replace(os.path.dirname(path) + os.sep, ""), quote=False)) from error
+        with Image.open(path) as header:
+            width, height = header.size
+        if max(width, height) <= max_side:
+            return load_image(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        message = str(error).replace(os.path.dirname(path) + os.sep, "")  # the file's name, not the server's folder
+        raise gr.Error(html.escape(message, quote=False)) from error
+    raise gr.Error(
+        f"This image is {width}x{height} pixels; this app takes images up to {max_side} pixels on a side (memory): "
+        "downscale or crop it."
+    )
 
 
 class _ImageUpload(gr.Image):
@@ -148,7 +157,7 @@ class _ImageUpload(gr.Image):
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             name = html.escape(getattr(payload, "orig_name", None) or "the upload", quote=False)
             raise gr.Error(
                 f"Cannot read {name} as an image ({type(error).__name__}): upload a PNG or JPEG."
@@ -210,13 +219,7 @@ def build_demo(
     main_name, main_vae = named_vaes[0]
 
     def checked(path: str | None, what: str = "an image") -> Image.Image:
-        image = _read_upload(path, what)
-        if max(image.size) > max_image_side:
-            raise gr.Error(
-                f"This image is {image.width}x{image.height} pixels; this app takes images up to {max_image_side} "
-                "pixels on a side (memory): downscale or crop it."
-            )
-        return image
+        return _read_upload(path, max_image_side, what)
 
     def reconstruct(path):
         image = checked(path)

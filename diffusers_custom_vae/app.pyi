@@ -142,7 +142,7 @@ class _ImageUpload(gr.Image):
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             name = html.escape(getattr(payload, "orig_name", None) or "the upload", quote=False)
             raise gr.Error(
                 f"Cannot read {name} as an image ({type(error).__name__}): upload a PNG or JPEG."
