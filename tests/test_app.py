@@ -79,7 +79,23 @@ def models(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+def network_lookups():
+    """For the module's server and clients: every name lookup of another host than the loopback one, refused."""
+    lookups, lookup = [], socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            lookups.append(host)
+            raise OSError(f"tests reach no network: {host}")
+        return lookup(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+        yield lookups
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory, network_lookups):
     """One real server per module on 127.0.0.1 (a free port), and a gradio_client connected to it."""
     pipeline = DiTPipeline.from_pretrained(models["dit"])
     demo = build_demo([str(models["custom"]), str(models["akl"])], pipeline=pipeline, max_image_side=300)
@@ -240,6 +256,12 @@ def test_concurrent_requests_are_queued_and_all_answered(server):
         ]
         results = [job.result(timeout=60) for job in jobs]
     assert [Image.open(result[0]).size for result in results] == [(24 + 2 * i, 24) for i in range(6)]
+
+
+def test_the_server_and_its_clients_look_up_no_other_host(server, network_lookups):
+    _, client, folder = server
+    client.predict(gradio_client.handle_file(save(photo(16, 16), folder, "offline.png")), api_name="/reconstruct")
+    assert network_lookups == []  # gradio's analytics and version check are off
 
 
 def test_the_space_entry_point_builds_the_same_app(models, monkeypatch):
