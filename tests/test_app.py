@@ -104,7 +104,7 @@ def server(models, tmp_path_factory, network_lookups):
     client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     images = tmp_path_factory.mktemp("app-images")
     yield demo, client, images
-    client.close() if hasattr(client, "close") else None
+    client.close()
     demo.close()
 
 
