@@ -149,24 +149,25 @@ def _read_upload(path: str | None, max_side: int, what: str = "an image") -> Ima
     )
 
 
-class _ImageUpload(gr.Image):
-    """An image input whose unreadable uploads (not an image, a corrupt header) give a clear `gr.Error`."""
+def _image_input(label: str) -> gr.Image:
+    """An image input that passes on a file path (`load_image` converts it as the library does: EXIF rotation,
+    16-bit, alpha onto white), and whose unreadable uploads (not an image, a corrupt header) give a clear `gr.Error`.
+    """
+    component = gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"])
+    preprocess = component.preprocess
 
-    is_template = True  # shown by the frontend as an ordinary gr.Image
-
-    def preprocess(self, payload):
+    # Wrapped on the instance: a subclass of gr.Image would make gradio write a .pyi stub beside this module.
+    def checked_preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             name = html.escape(getattr(payload, "orig_name", None) or "the upload", quote=False)
             raise gr.Error(
                 f"Cannot read {name} as an image ({type(error).__name__}): upload a PNG or JPEG."
             ) from error
 
-
-def _image_input(label: str) -> gr.Image:
-    # a file path: `load_image` converts it as the library does (EXIF rotation, 16-bit, alpha onto white)
-    return _ImageUpload(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"])
+    component.preprocess = checked_preprocess
+    return component
 
 
 @functools.cache  # written once per process, whatever number of demos it builds

@@ -154,6 +154,12 @@ def test_interpolation_ends_are_the_two_reconstructions(tiny_vae):
     assert (path[2] - (path[0] + path[-1]) / 2).abs().mean() < (path[0] - path[-1]).abs().mean()
 
 
+def test_importing_the_app_writes_nothing_beside_it():
+    import diffusers_custom_vae.app as app
+
+    assert not Path(app.__file__).with_suffix(".pyi").exists()  # gradio writes stubs for component subclasses
+
+
 def test_a_pipeline_without_class_names_is_refused(tiny_vae):
     class Unlabelled:
         labels = {}
