@@ -20,7 +20,7 @@ from diffusers_custom_vae.evaluation import (
     held_out_data,
     reconstruct,
 )
-from diffusers_custom_vae.training import TrainConfig
+from diffusers_custom_vae.training import TrainConfig, VAEObjective
 
 # The issue's config: as many norm groups (32, the default) as channels, so a 1x1 latent of one image is one value
 # per group. Kept at 2x downsampling here (8x in the issue) to stay small.
@@ -160,3 +160,13 @@ def test_a_run_whose_held_out_images_are_one_latent_pixel_finishes(tmp_path, run
     assert metrics["images"] >= 1 and all(math.isfinite(metrics[name]) for name in ("psnr", "ssim", "ms_ssim"))
     assert "(8x8 pixels: one latent pixel) were padded to 16x16" in caplog.text
     assert (out / "reconstructions.png").is_file() and (out / "README.md").is_file()
+
+
+
+def test_validation_of_one_image_one_latent_pixel_in_size_is_measured(tmp_path):
+    """A validation batch of one image at --resolution 8 with that config: the trainer's validation pads it too."""
+    model_config = write_json(tmp_path / "config.json", {"block_out_channels": [32] * 4, "layers_per_block": 1})
+    objective = VAEObjective(TrainConfig(model_config=model_config))
+    scores, grids = objective.validate(objective.model.eval(), torch.rand(1, 3, 8, 8) * 2 - 1)
+    assert all(math.isfinite(value) for value in scores.values())
+    assert grids["reconstructions"][1].shape == (1, 3, 8, 8)

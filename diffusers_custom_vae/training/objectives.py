@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..data import load_data
-from ..evaluation import common_crop, comparison_grid, evaluate_vae
+from ..evaluation import common_crop, comparison_grid, evaluate_vae, reconstruct
 from ..hub import render_model_card
 from ..latents import estimate_scaling_factor
 from ..loading import load_vae, vae_class
@@ -121,7 +121,7 @@ class VAEObjective(Objective):
         return loss, terms
 
     def validate(self, model, images):
-        reconstruction = model(images).sample.clamp(-1, 1)  # the posterior's mode: no RNG is drawn
+        reconstruction = reconstruct(model, images)  # the posterior's mode: no RNG is drawn
         scores = {"psnr": psnr(reconstruction, images).item(), "ssim": ssim(reconstruction, images).item()}
         return scores, {"reconstructions": [images, reconstruction]}
 
