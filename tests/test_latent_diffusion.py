@@ -161,6 +161,8 @@ def trained(workdir):
 def test_the_output_folder_is_a_dit_pipeline_with_class_names_and_no_clipping(trained):
     folder, metrics = trained
     assert np.isfinite(metrics["held_out_loss"]) and metrics["latent_std"] > 0
+    # FID needs torch-fidelity's Inception weights in the local cache: a number only when it was computed.
+    assert (metrics["fid"] is None) == metrics["fid_note"].startswith("FID skipped: ")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["id2label"] == {"0": "blue", "1": "red"} and index["_class_name"] == "DiTPipeline"
     # The VAE's code ships in vae/ (save_pipeline), which diffusers runs only when told to, package or not.
@@ -175,6 +177,7 @@ def test_the_output_folder_is_a_dit_pipeline_with_class_names_and_no_clipping(tr
     assert Image.open(folder / "samples.png").height > 2 * 16  # a row per class
     card = (folder / "README.md").read_text()
     assert "blue, red" in card and "held-out denoising loss" in card and "![samples](samples.png)" in card
+    assert metrics["fid_note"] in card
     assert 'load_dit_pipeline("path/to/this/folder")' in card and "trust_remote_code=True" in card
 
 

@@ -119,7 +119,7 @@ def write_output_folder(model, objective, data, config: RunConfig, num_processes
     written.write("metrics.json", (json.dumps(summary, indent=2) + "\n").encode())
     print(
         f"Held-out {data.test_description}: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int))
         + f". Saved to {output_dir}."
     )
     if data.skipped:

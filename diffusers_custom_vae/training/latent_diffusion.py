@@ -21,6 +21,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..data import load_data
+from ..fid import frechet_distance
 from ..hub import _template_path
 from ..images import image_grid
 from ..latent_cache import cache_latents
@@ -85,6 +86,7 @@ class LatentDiffusionObjective(Objective):
         self.report_scale(train.scaled_std(self.scaling_factor, None))
         size = config.resolution[0]
         held_out = f"the {len(splits.validation)} held-out images of the validation batch, {size}x{size}"
+        self.held_out_images = splits.validation  # (N, 3, size, size) in [-1, 1]: FID's references
         return dataclasses.replace(
             splits, train=train, validation=self.validation_batch(splits), test_description=held_out
         )
@@ -176,8 +178,12 @@ class LatentDiffusionObjective(Objective):
         index = json.loads((written.folder / "model_index.json").read_text())
         index["id2label"] = {str(label): name for label, name in enumerate(self.class_names)}
         written.write("model_index.json", (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+        samples = self.samples(model)
+        fid, fid_line = frechet_distance(samples, self.held_out_images)  # (None, why) where it cannot be computed
+        print(fid_line)
         metrics = {"held_out_loss": self.held_out_loss(model, data.validation), "latent_std": self.latent_std}
-        written.write("samples.png", png_bytes(image_grid(self.samples(model))))
+        metrics |= {"fid": fid, "fid_note": fid_line}
+        written.write("samples.png", png_bytes(image_grid(samples)))
         written.write("README.md", str(self.model_card(model, metrics, data, training)).encode())
         return metrics
 
@@ -205,6 +211,7 @@ class LatentDiffusionObjective(Objective):
             scaling_factor=f"{self.scaling_factor:.5g}",
             latent_std=f"{metrics['latent_std']:.3f}",
             held_out_loss=f"{metrics['held_out_loss']:.4f}",
+            fid_note=metrics["fid_note"],
             metrics_split=data.test_description,
             guidance_scale=config.guidance_scale,
             num_inference_steps=config.num_inference_steps,
