@@ -162,7 +162,6 @@ def test_a_run_whose_held_out_images_are_one_latent_pixel_finishes(tmp_path, run
     assert (out / "reconstructions.png").is_file() and (out / "README.md").is_file()
 
 
-
 def test_validation_of_one_image_one_latent_pixel_in_size_is_measured(tmp_path):
     """A validation batch of one image at --resolution 8 with that config: the trainer's validation pads it too."""
     model_config = write_json(tmp_path / "config.json", {"block_out_channels": [32] * 4, "layers_per_block": 1})
