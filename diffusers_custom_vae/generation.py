@@ -34,8 +34,9 @@ def class_ids_of(pipe: DiTPipeline, class_names: list[str] | None = None, class_
 def load_dit_pipeline(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> DiTPipeline:
     r"""
     Load a `DiTPipeline` saved by the latent diffusion trainer with this package's classes: its VAE through
-    `loading.load_vae` (as strictly as every VAE here), so no code from the folder runs. (`DiTPipeline.from_pretrained`
-    needs `trust_remote_code=True` for such a folder, package or not: the VAE's modeling file ships in `vae/`.)
+    `loading.load_vae` (as strictly as every VAE here), so no code from the folder runs. (With the package imported,
+    `DiTPipeline.from_pretrained` does the same; without it, it needs `trust_remote_code=True`, which runs the VAE's
+    modeling file shipped in `vae/`.)
 
     Args:
         name_or_path (`str` or `os.PathLike`): The pipeline's folder or Hub id.

@@ -186,8 +186,9 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwa
     VAE's folder (`["modeling_custom_vae", "CustomVAE"]`), which is how diffusers finds a component's remote code.
     Saving again into the folder writes what is saved now: where an earlier save left a CustomVAE's modeling file
     and the component is another class now, that file (and no other) is removed.
-    Such a folder needs `trust_remote_code=True` with or without the package installed: diffusers runs the copy of
-    the model file in it. `pipe.save_pretrained` alone records the package's module path instead: the folder then
+    With the package imported, such a folder loads without `trust_remote_code` and runs none of the folder's code
+    (importing the package registers `CustomVAE` under that name, which diffusers looks up first); without the
+    package, `trust_remote_code=True` runs the folder's copy of the model file. `pipe.save_pretrained` alone records the package's module path instead: the folder then
     loads only after `import diffusers_custom_vae`, and not by Hub repo id (diffusers issue 6563).
 
     Args:

@@ -165,10 +165,8 @@ def test_the_output_folder_is_a_dit_pipeline_with_class_names_and_no_clipping(tr
     assert (metrics["fid"] is None) == metrics["fid_note"].startswith("FID skipped: ")
     index = json.loads((folder / "model_index.json").read_text())
     assert index["id2label"] == {"0": "blue", "1": "red"} and index["_class_name"] == "DiTPipeline"
-    # The VAE's code ships in vae/ (save_pipeline), which diffusers runs only when told to, package or not.
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        DiTPipeline.from_pretrained(folder)
-    assert type(DiTPipeline.from_pretrained(folder, trust_remote_code=True).vae).__name__ == "CustomVAE"
+    # The VAE's code ships in vae/ for loading without the package; with it imported, its own class loads.
+    assert type(DiTPipeline.from_pretrained(folder).vae) is CustomVAE
     pipe = load_dit_pipeline(folder)  # the package's own classes: no code from the folder runs
     assert isinstance(pipe.vae, CustomVAE) and pipe.scheduler.config.clip_sample is False
     assert pipe.get_label_ids(["red", "blue"]) == [1, 0]
@@ -259,11 +257,12 @@ def test_the_docs_python_snippets_run(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     docs = (Path(EXAMPLES).parent / "docs" / "latent-diffusion.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
-    assert len(snippets) == 2
-    namespaces = [{}, {}]
+    assert len(snippets) == 3  # load_dit_pipeline; DiTPipeline after the import; trust_remote_code without it
+    namespaces = [{}, {}, {}]
     for snippet, namespace in zip(snippets, namespaces):
         exec(compile(snippet, "docs/latent-diffusion.md", "exec"), namespace)
         assert type(namespace["pipe"]).__name__ == "DiTPipeline" and namespace["pipe"].labels == {"cat": 0, "dog": 1}
+    assert type(namespaces[1]["pipe"].vae) is CustomVAE  # the package's class, not the folder's copy
     assert [image.size for image in namespaces[0]["images"]] == [(16, 16), (16, 16)]
 
 

@@ -23,6 +23,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from image_files import write_bomb_png
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tiny_pipelines import (
     INPAINT_PIPELINES,
     SD_PIPELINES,
@@ -385,6 +386,27 @@ def test_save_pipeline_over_an_earlier_custom_vae_save_writes_what_is_saved_now(
     assert (tmp_path / "unet" / "modeling_custom_vae.py").read_text() == "# the user's own file\n"  # not ours
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path)
     assert isinstance(reloaded.vae, AutoencoderKL)
+
+
+def test_with_the_package_imported_a_saved_pipeline_loads_its_own_custom_vae_and_runs_no_code_from_the_folder(
+    tmp_path,
+):
+    pipe = tiny_pipeline()
+    with pytest.warns(LatentSpaceWarning):
+        swap_vae(pipe, tiny_custom_vae())
+    save_pipeline(pipe, tmp_path)
+    modeling_file = tmp_path / "vae" / "modeling_custom_vae.py"
+    modeling_file.write_text("raise RuntimeError('the folder\'s code ran')\n" + modeling_file.read_text())
+
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path)  # no trust_remote_code: the package's class
+    assert type(reloaded.vae) is CustomVAE
+    assert torch.equal(reloaded.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    state_dict = load_file(weights)
+    state_dict["decoder.conv_out.bias"][0] = float("nan")
+    save_file(state_dict, weights)
+    with pytest.raises(ValueError, match="decoder.conv_out.bias"):  # loaded as strictly as CustomVAE.from_pretrained
+        StableDiffusionPipeline.from_pretrained(tmp_path)
 
 
 def test_model_cpu_offload_hooks_move_to_the_new_vae():

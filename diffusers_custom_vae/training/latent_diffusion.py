@@ -85,7 +85,10 @@ class LatentDiffusionObjective(Objective):
         )
         self.report_scale(train.scaled_std(self.scaling_factor, None))
         size = config.resolution[0]
-        held_out = f"the {len(splits.validation)} held-out images of the validation batch, {size}x{size}"
+        held_out = (
+            f"the validation batch: {len(splits.validation)} crops of {size}x{size} from {len(splits.test)} held-out "
+            "images"
+        )
         self.held_out_images = splits.validation  # (N, 3, size, size) in [-1, 1]: FID's references
         return dataclasses.replace(
             splits, train=train, validation=self.validation_batch(splits), test_description=held_out
@@ -172,8 +175,8 @@ class LatentDiffusionObjective(Objective):
         return {"held_out_loss": self.held_out_loss(model, batch)}, {"samples": self.samples(model)}
 
     def save(self, model, data, written, training):
-        """A DiTPipeline folder (`save_pipeline`: it also loads where the package is not installed, with
-        `trust_remote_code=True`), `id2label` in model_index.json; samples.png and the model card."""
+        """A DiTPipeline folder (`save_pipeline`: `DiTPipeline.from_pretrained` loads it once the package is imported,
+        and with `trust_remote_code=True` where it is not installed), `id2label` in model_index.json; samples.png and the model card."""
         written.save_with(lambda folder: save_pipeline(self.pipeline(model), folder))
         index = json.loads((written.folder / "model_index.json").read_text())
         index["id2label"] = {str(label): name for label, name in enumerate(self.class_names)}
