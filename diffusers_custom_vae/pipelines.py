@@ -188,8 +188,9 @@ def save_pipeline(pipe, save_directory: str | os.PathLike, **save_pretrained_kwa
     and the component is another class now, that file (and no other) is removed.
     With the package imported, such a folder loads without `trust_remote_code` and runs none of the folder's code
     (importing the package registers `CustomVAE` under that name, which diffusers looks up first); without the
-    package, `trust_remote_code=True` runs the folder's copy of the model file. `pipe.save_pretrained` alone records the package's module path instead: the folder then
-    loads only after `import diffusers_custom_vae`, and not by Hub repo id (diffusers issue 6563).
+    package, `trust_remote_code=True` runs the folder's copy of the model file. `pipe.save_pretrained` alone records
+    the package's module path instead: the folder then loads only after `import diffusers_custom_vae`, and not by
+    Hub repo id (diffusers issue 6563).
 
     Args:
         pipe (`DiffusionPipeline`): The pipeline.

@@ -176,7 +176,8 @@ class LatentDiffusionObjective(Objective):
 
     def save(self, model, data, written, training):
         """A DiTPipeline folder (`save_pipeline`: `DiTPipeline.from_pretrained` loads it once the package is imported,
-        and with `trust_remote_code=True` where it is not installed), `id2label` in model_index.json; samples.png and the model card."""
+        and with `trust_remote_code=True` where it is not installed), `id2label` in model_index.json; samples.png and
+        the model card."""
         written.save_with(lambda folder: save_pipeline(self.pipeline(model), folder))
         index = json.loads((written.folder / "model_index.json").read_text())
         index["id2label"] = {str(label): name for label, name in enumerate(self.class_names)}
