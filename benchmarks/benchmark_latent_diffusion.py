@@ -1,38 +1,60 @@
-"""Latent diffusion's training throughput with the latent cache against encoding every batch: the same tiny DiT, the
-same objective and batch, on the latents of the default `CustomVAE` at 256 px.
+"""Latent diffusion (`train_latent_diffusion.py`) measured two ways.
 
-    python -m benchmarks.benchmark_latent_diffusion [--quick] [--resolution 256] [--batch_size 8] [--output MD]
+    python -m benchmarks.benchmark_latent_diffusion [--quick] [--resolution 256] [--batch_size 8]
+        [--train_config JSON] [--diffusion_config JSON] [--results DIR] [--output BENCHMARKS.md] [--image PNG]
 
-A cached step reads posteriors from `cache_latents` and runs `LatentDiffusionObjective.loss`, backward and an AdamW
-step; an encoding step first runs the VAE's encoder on the batch's images, then does the same. The images are
-decoded and cropped before timing, so the encoding path is not charged for reading files (the real gap is larger).
-The steps take turns (`measure.interleaved_times`), so the shared machine's load falls on both alike. The one-off
-cost of filling the cache is reported too. The VAE has random weights: its speed does not depend on them. Runs on
-CUDA when there is one. `--quick`: 64 px, batch 2, short timings (a smoke test: the numbers mean nothing).
+1. Throughput: training with the latent cache against encoding every batch. The same tiny DiT, objective and batch,
+   on the latents of the default `CustomVAE` (random weights: its speed does not depend on them) at `--resolution`.
+   A cached step reads posteriors from `cache_latents` and runs `LatentDiffusionObjective.loss`, backward and an AdamW
+   step; an encoding step first runs the VAE's encoder on the batch's images, then does the same. The images are
+   decoded and cropped before timing, so the encoding path is charged for the VAE alone (the real gap is larger). The
+   steps take turns (`measure.interleaved_times`), so the machine's load falls on both alike. The one-off cost of
+   filling the cache is reported too.
+2. Which latent space diffuses better: CustomVAE and an equal-width AutoencoderKL are trained by the same trainer with
+   the same budget (as `benchmark_training.py` does: `--train_config` changes both), then a DiT is trained on each
+   one's latents with the same budget (`LatentDiffusionConfig`'s defaults, the second main job's, changed by
+   `--diffusion_config`). Reported: each DiT's held-out denoising loss, its latents' scaled standard deviation, FID of
+   its samples (or why it was skipped) and its samples (`--image`).
+
+Runs on CUDA when there is one. `--quick`: tiny sizes and 2 steps everywhere (a smoke test: the numbers mean nothing).
+The results are saved as benchmarks/results/benchmark_latent_diffusion.json; BENCHMARKS.md is rendered from them.
 """
 
 import argparse
-import shlex
-import sys
+import dataclasses
+import os
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.data import load_data
 from diffusers_custom_vae.latent_cache import cache_latents
+from diffusers_custom_vae.training import TrainConfig, VAEObjective, train
 from diffusers_custom_vae.training.config import LatentDiffusionConfig
 from diffusers_custom_vae.training.latent_diffusion import LatentDiffusionObjective
 
+from .benchmark_training import SET_BY_THE_BENCHMARK, train_configs
 from .measure import interleaved_times
-from .report import Target, machine_description, publish
+from .models import CUSTOM_VAE_WIDTHS
+from .render import OUTPUT, RESULTS, publish
+from .report import Target, budget, json_object, the_run
 
 SECTION = "benchmark_latent_diffusion"
 COMMAND = "python -m benchmarks.benchmark_latent_diffusion"
 TARGET_RATIO = 3.0
+QUICK_VAE_FIELDS = {"resolution": 32, "max_train_steps": 2, "train_batch_size": 2}
+QUICK_DIFFUSION_FIELDS = {
+    "resolution": 32,
+    "max_train_steps": 2,
+    "train_batch_size": 2,
+    "num_inference_steps": 2,
+    "validation_steps": 1000,
+}
+SET_BY_THE_BENCHMARK_FOR_DITS = ("vae", "vae_subfolder", "output_dir", "report_to", "cache_dir")
 
 
 def steps(resolution: int, batch_size: int, workdir: Path, device: str) -> tuple[dict, dict]:
@@ -49,15 +71,15 @@ def steps(resolution: int, batch_size: int, workdir: Path, device: str) -> tuple
     objective = LatentDiffusionObjective(config)
     model, vae = objective.model.to(device).train(), objective.vae.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    train = load_data(resolution=resolution, downsample_factor=objective.factor, class_labels=True).train
+    train_split = load_data(resolution=resolution, downsample_factor=objective.factor, class_labels=True).train
     count = 4 * batch_size  # enough items to take turns through
-    train.images, train.labels = train.images[:count], train.labels[:count]
+    train_split.images, train_split.labels = train_split.images[:count], train_split.labels[:count]
     start = time.perf_counter()
     latents = cache_latents(
-        vae, train, random_flip=True, cache_dir=workdir / "cache", batch_size=batch_size, device=device
+        vae, train_split, random_flip=True, cache_dir=workdir / "cache", batch_size=batch_size, device=device
     )
     cache_seconds = time.perf_counter() - start
-    fixed = train.fixed_view()
+    fixed = train_split.fixed_view()
     images = torch.stack([fixed[i] for i in range(count)]).to(device)
     position = [0]
 
@@ -83,11 +105,55 @@ def steps(resolution: int, batch_size: int, workdir: Path, device: str) -> tuple
 
     facts = {
         "cache_images_per_second": count / cache_seconds,
-        "latent_shape": latents.latent_shape,
+        "latent_shape": list(latents.latent_shape),
         "dit_parameters": sum(p.numel() for p in model.parameters()),
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
     }
     return {"cached": cached_step, "encoding every batch": encoding_step}, facts
+
+
+def throughput(resolution: int, batch_size: int, quick: bool, workdir: Path, device: str) -> dict:
+    """Training images/s of the cached and the encoding step, and the facts of the setup."""
+    calls, facts = steps(resolution, batch_size, workdir, device)
+    rounds, min_run_time = (1, 0.05) if quick else (3, 5.0)
+    times = interleaved_times(calls, rounds, min_run_time)
+    images_per_second = {name: batch_size / measurement.median for name, measurement in times.items()}
+    return {"resolution": resolution, "batch_size": batch_size, "images_per_second": images_per_second, **facts}
+
+
+def latent_spaces(vae_fields: dict, diffusion_fields: dict, workdir: Path, image: Path) -> tuple[dict, dict, dict]:
+    """(budgets, {model: its VAE's `train` results}, {model: its DiT's}): a VAE of each kind trained alike, then a DiT
+    trained alike on each one's latents; their samples saved one above the other in `image`."""
+    vae_configs = train_configs(vae_fields, workdir)
+    vaes = {name: train(config, VAEObjective) for name, config in vae_configs.items()}
+    dit_configs = {
+        name: LatentDiffusionConfig(
+            **diffusion_fields,
+            vae=config.output_dir,
+            output_dir=str(workdir / f"{name}-dit"),
+            cache_dir=str(workdir / "cache"),
+            report_to="none",
+        )
+        for name, config in vae_configs.items()
+    }
+    dits = {name: train(config, LatentDiffusionObjective) for name, config in dit_configs.items()}
+    stacked([Image.open(Path(config.output_dir) / "samples.png") for config in dit_configs.values()]).save(image)
+    config = next(iter(dit_configs.values()))
+    diffusion_budget = {
+        field: getattr(config, field)
+        for field in ("model_config", "train_batch_size", "resolution", "learning_rate", "use_ema", "seed")
+    } | {"guidance_scale": config.guidance_scale, "num_inference_steps": config.num_inference_steps}
+    return {"vae_budget": budget(vae_configs["CustomVAE"]), "diffusion_budget": diffusion_budget}, vaes, dits
+
+
+def stacked(images: list[Image.Image], gap: int = 8) -> Image.Image:
+    """The images one above the other, `gap` white pixels apart."""
+    width, height = max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)
+    canvas, top = Image.new("RGB", (width, height), "white"), 0
+    for picture in images:
+        canvas.paste(picture.convert("RGB"), (0, top))
+        top += picture.height + gap
+    return canvas
 
 
 def target(images_per_second: dict[str, float], resolution: int) -> Target:
@@ -101,61 +167,74 @@ def target(images_per_second: dict[str, float], resolution: int) -> Target:
     )
 
 
-def report(images_per_second, facts, resolution, batch_size, command, wall_seconds, device) -> str:
-    lines = [
-        "## Latent diffusion: training with the latent cache vs encoding every batch "
-        "(`benchmarks/benchmark_latent_diffusion.py`)",
-        "",
-        f"- Date: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time {wall_seconds / 60:.1f} min",
-        f"- Command: `{command}`",
-        f"- Machine: {machine_description(device)}",
-        f"- Model: the tiny DiT preset ({facts['dit_parameters'] / 1e6:.2f} M parameters) on latents "
-        f"{facts['latent_shape']} of the default CustomVAE ({facts['vae_parameters'] / 1e6:.2f} M parameters, random "
-        f"weights) at {resolution} px; batch {batch_size}; `LatentDiffusionObjective.loss`, backward, AdamW step.",
-        "- The encoding path gets its images decoded and cropped in advance: it is charged for the VAE alone.",
-        f"- Filling the cache (once; with flipped images, so two encodings per image): "
-        f"{facts['cache_images_per_second']:.2f} images/s.",
-        "",
-        target(images_per_second, resolution).markdown(),
-        "",
-        "| training step | images/s |",
-        "|---|---|",
-        *(f"| {name} | {value:.2f} |" for name, value in images_per_second.items()),
-    ]
-    return "\n".join(lines)
+def fields_of(parser, flag: str, given: dict, config_class, set_here: tuple[str, ...]) -> dict:
+    settable = {field.name for field in dataclasses.fields(config_class)} - set(set_here)
+    if unknown := sorted(set(given) - settable):
+        parser.error(
+            f"{flag}: {', '.join(unknown)}: expected {config_class.__name__} fields other than {', '.join(set_here)} "
+            "(the benchmark sets those)"
+        )
+    return given
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """The command line; returns {step: training images per second}."""
+def main(argv: list[str] | None = None) -> dict:
+    """The command line; returns the results saved in the results file."""
     parser = argparse.ArgumentParser(
         prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="64 px, batch 2, short timings: a smoke test")
-    parser.add_argument("--resolution", type=int, default=256, help="image size (default 256)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per step (default 8)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps: a smoke test")
+    parser.add_argument("--resolution", type=int, default=256, help="image size of the throughput part (default 256)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per step of the throughput part (default 8)")
+    parser.add_argument(
+        "--train_config", type=json_object, default={}, help="TrainConfig fields for both VAEs, as a JSON object"
+    )
+    parser.add_argument(
+        "--diffusion_config",
+        type=json_object,
+        default={},
+        help="LatentDiffusionConfig fields for both DiTs, as a JSON object, e.g. '{\"max_train_steps\": 3000}'",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=Path(__file__).resolve().parent / "benchmark_latent_diffusion.png",
+        help="where to save the samples of the DiT on CustomVAE's latents above those on AutoencoderKL's",
+    )
     args = parser.parse_args(argv)
-    if not args.output.parent.is_dir():
-        parser.error(f"--output {args.output}: its folder does not exist")
+    for path in (args.output, args.image):
+        if not path.parent.is_dir():
+            parser.error(f"{path}: its folder does not exist")
+    vae_fields = {**(QUICK_VAE_FIELDS if args.quick else {}), **args.train_config}
+    diffusion_fields = {**(QUICK_DIFFUSION_FIELDS if args.quick else {}), **args.diffusion_config}
+    fields_of(parser, "--train_config", vae_fields, TrainConfig, SET_BY_THE_BENCHMARK)
+    fields_of(parser, "--diffusion_config", diffusion_fields, LatentDiffusionConfig, SET_BY_THE_BENCHMARK_FOR_DITS)
     resolution, batch_size = (64, 2) if args.quick else (args.resolution, args.batch_size)
-    rounds, min_run_time = (1, 0.05) if args.quick else (3, 5.0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    command = " ".join([COMMAND, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            calls, facts = steps(resolution, batch_size, Path(workdir), device)
-        except ValueError as error:  # e.g. a resolution that is not a multiple of the VAE's factor
+            speed = throughput(resolution, batch_size, args.quick, Path(workdir), device)
+            budgets, vaes, dits = latent_spaces(vae_fields, diffusion_fields, Path(workdir), args.image)
+        except ValueError as error:  # a size that does not fit the VAE, a config's own checks of its values
             parser.error(str(error))
-        times = interleaved_times(calls, rounds, min_run_time)
-    images_per_second = {name: batch_size / measurement.median for name, measurement in times.items()}
-    publish(
-        args.output,
-        SECTION,
-        report(images_per_second, facts, resolution, batch_size, command, time.perf_counter() - start, device),
-    )
-    return images_per_second
+    data = {
+        **the_run(COMMAND, argv, start, device),
+        "device": device,
+        "targets": [dataclasses.asdict(target(speed["images_per_second"], resolution))],
+        "throughput": speed,
+        **budgets,
+        "autoencoder_kl_widths": CUSTOM_VAE_WIDTHS,
+        "vaes": vaes,
+        "dits": dits,
+        "image": os.path.relpath(args.image, args.results),  # as the results file links it
+    }
+    publish(SECTION, data, args.results, args.output)
+    return data
 
 
 if __name__ == "__main__":

@@ -327,11 +327,74 @@ def distillation_section(data: dict) -> list[str]:
     ]
 
 
+def latent_diffusion_section(data: dict) -> list[str]:
+    speed, vaes, dits = data["throughput"], data["vaes"], data["dits"]
+    vae_budget, dit_budget = data["vae_budget"], data["diffusion_budget"]
+    first_vae, first_dit = next(iter(vaes.values())), next(iter(dits.values()))
+    side = dit_budget["resolution"][0]
+    speed_rows = [[name, number(value, 2)] for name, value in speed["images_per_second"].items()]
+    space_rows = [
+        [name, *columns(vaes[name], ("psnr", 2)), *columns(dit, ("latent_std", 3), ("held_out_loss", 4))]
+        + [number(dit["fid"], 1) if dit.get("fid") is not None else "skipped", *columns(with_minutes(dit), *SPEED)]
+        for name, dit in dits.items()
+    ]
+    fid_notes = sorted({dit["fid_note"] for dit in dits.values()})
+    return [
+        "## Latent diffusion: the latent cache, and which latent space diffuses better "
+        "(`benchmarks/benchmark_latent_diffusion.py`)",
+        "",
+        *about_the_run(data, f"; device {data['device']}, float32"),
+        "",
+        "### Targets",
+        "",
+        *targets(data),
+        "",
+        f"### Training a DiT with the latent cache vs encoding every batch, {speed['resolution']} px: images/s",
+        "",
+        f"The tiny DiT preset ({speed['dit_parameters'] / 1e6:.2f} M parameters) on latents "
+        f"{'x'.join(map(str, speed['latent_shape']))} of the default CustomVAE ({speed['vae_parameters'] / 1e6:.2f} M "
+        f"parameters, random weights); batch {speed['batch_size']}; `LatentDiffusionObjective.loss`, backward, AdamW. "
+        "The encoding path gets its images decoded and cropped in advance: it is charged for the VAE alone. The steps "
+        "take turns, so the machine's load falls on both alike. Filling the cache (once, with flipped images: two "
+        f"encodings per image) ran at {speed['cache_images_per_second']:.2f} images/s.",
+        "",
+        *table("training step | images/s", speed_rows),
+        "",
+        "### Equal-budget DiTs on the latents of CustomVAE and of an equal-width AutoencoderKL",
+        "",
+        f"- VAEs: CustomVAE and an `AutoencoderKL` with {autoencoder_kl_in_words(data['autoencoder_kl_widths'])}, "
+        "each trained by the same trainer on the embedded photos: "
+        f"{budget_in_words(vae_budget, first_vae['train_steps'])}, {vae_budget['rec_loss']} + KL "
+        f"{vae_budget['kl_scale']}, seed {vae_budget['seed']} (the first main job's budget); each VAE's "
+        "`scaling_factor` estimated on the data by the trainer.",
+        f"- DiTs: `--model_config {dit_budget['model_config']}`, {first_dit['train_steps']} steps of "
+        f"{dit_budget['train_batch_size']} latents of {side}x{side} images, learning rate "
+        f"{dit_budget['learning_rate']}, EMA {'on' if dit_budget['use_ema'] else 'off'}, seed {dit_budget['seed']} "
+        "(the second main job's budget).",
+        "- Held-out denoising loss: epsilon-prediction MSE at fixed noise and timesteps on the held-out images' "
+        "latents (in units of the noise, so comparable across latent spaces scaled to unit variance); latent std: "
+        "the scaled latents' standard deviation on the training data (1 is what the noise schedule assumes).",
+        f"- FID: {'; '.join(fid_notes)}",
+        "",
+        *table(
+            "latent space of | VAE's held-out PSNR (dB) | latent std | held-out denoising loss | FID | "
+            "training images/s | minutes of steps",
+            space_rows,
+        ),
+        "",
+        f"Samples, one row per class (guidance {dit_budget['guidance_scale']}, {dit_budget['num_inference_steps']} "
+        "DDIM steps, fixed seeds): the DiT on CustomVAE's latents (top), then on AutoencoderKL's:",
+        "",
+        f"![samples of the DiTs on each latent space]({data['image_link']})",
+    ]
+
+
 # In the order BENCHMARKS.md shows them.
 SECTIONS = {
     "benchmark_vae": vae_section,
     "benchmark_training": training_section,
     "benchmark_distillation": distillation_section,
+    "benchmark_latent_diffusion": latent_diffusion_section,
 }
 
 
