@@ -365,16 +365,16 @@ def latent_diffusion_section(data: dict) -> list[str]:
         f"- VAEs: CustomVAE and an `AutoencoderKL` with {autoencoder_kl_in_words(data['autoencoder_kl_widths'])}, "
         "each trained by the same trainer on the embedded photos: "
         f"{budget_in_words(vae_budget, first_vae['train_steps'])}, {vae_budget['rec_loss']} + KL "
-        f"{vae_budget['kl_scale']}, seed {vae_budget['seed']} (the first main job's budget); each VAE's "
-        "`scaling_factor` estimated on the data by the trainer.",
+        f"{vae_budget['kl_scale']}, seed {vae_budget['seed']} (the first main job's budget unless the command says "
+        "otherwise); each VAE's `scaling_factor` estimated on the data by the trainer.",
         f"- DiTs: `--model_config {dit_budget['model_config']}`, {first_dit['train_steps']} steps of "
         f"{dit_budget['train_batch_size']} latents of {side}x{side} images, learning rate "
         f"{dit_budget['learning_rate']}, EMA {'on' if dit_budget['use_ema'] else 'off'}, seed {dit_budget['seed']} "
-        "(the second main job's budget).",
+        "(the second main job's budget unless the command says otherwise).",
         "- Held-out denoising loss: epsilon-prediction MSE at fixed noise and timesteps on the held-out images' "
         "latents (in units of the noise, so comparable across latent spaces scaled to unit variance); latent std: "
         "the scaled latents' standard deviation on the training data (1 is what the noise schedule assumes).",
-        f"- FID: {'; '.join(fid_notes)}",
+        f"- {'; '.join(fid_notes)}",
         "",
         *table(
             "latent space of | VAE's held-out PSNR (dB) | latent std | held-out denoising loss | FID | "
