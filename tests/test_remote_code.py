@@ -192,7 +192,7 @@ def test_automodel_loads_a_saved_vae_without_the_package(without_package):
     outputs = load_file(folder / "vae_outputs.safetensors")
     assert torch.equal(outputs["folder"], expected["vae"]) and torch.equal(outputs["cache"], expected["vae"])
     assert "NaN or inf weights in ['decoder.conv_in.bias']" in result["nan"]
-    # When diffusers reads cached remote code by repo id offline, this fails: update the README's Compatibility.
+    # When diffusers reads cached remote code by repo id offline, this fails: update docs/compatibility.md.
     assert result["vae_by_repo_id"] == "OfflineModeIsEnabled"
 
 
