@@ -6,10 +6,9 @@ downsampling, nearest-neighbour upsampling, one self-attention block at the bott
 `strict=True`. Around it sits what diffusers expects of a VAE: a config, `encode`/`decode` outputs, slicing, tiling,
 gradient checkpointing and model offload.
 
-This file imports only torch, diffusers and the libraries diffusers requires (huggingface_hub, safetensors), never the
-diffusers_custom_vae package: `save_pretrained` copies it beside the weights, and diffusers loads it from there as
-remote code (`trust_remote_code=True`) where the package is not installed. Its path is recorded in saved pipelines:
-it never moves.
+This file imports only torch and diffusers, never the diffusers_custom_vae package: `save_pretrained` copies it beside
+the weights, and diffusers loads it from there as remote code (`trust_remote_code=True`) where the package is not
+installed. Its path is recorded in saved pipelines: it never moves.
 """
 
 import json
@@ -325,12 +324,11 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
-# diffusers finds and reads the weight files, but its loader only warns about weights missing from them (they stay
-# random, or on the meta device), unexpected or of another shape, and casts integer weights to float and loads NaN
-# without a word. `StrictLoadingMixin` checks what diffusers read before it casts or places any weight. It lives in
-# this file because the file also runs as remote code, where the diffusers_custom_vae package is absent, and not in a
-# module beside it that it imports (`from .x import y`): from a pipeline's Hub repo, diffusers downloads only this one
-# code file of the VAE's folder (tests/test_remote_code.py). The package's `load_vae` applies it to `AutoencoderKL`.
+# diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched ones (left random
+# or on the meta device), and casts integer weights and loads NaN without a word. The checks below see what it read
+# before it casts or places a weight. They are here, not in a module beside this file, because from a pipeline's Hub
+# repo diffusers downloads only this one code file (tests/test_remote_code.py); `load_vae` applies them to
+# `AutoencoderKL` too.
 
 
 class StrictLoadingMixin:
@@ -593,13 +591,11 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         reconstruction = self.decode(z).sample
+        if not return_dict:
+            return (reconstruction, posterior) if return_posterior else (reconstruction,)
         if return_posterior:
-            return (
-                CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
-                if return_dict
-                else (reconstruction, posterior)
-            )
-        return DecoderOutput(sample=reconstruction) if return_dict else (reconstruction,)
+            return CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
+        return DecoderOutput(sample=reconstruction)
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         r"""
