@@ -354,7 +354,7 @@ class StrictLoadingMixin:
         except Exception as error:
             # diffusers' error for a file it cannot read says neither why nor, in words to rely on, which file: the
             # file is the argument of the `load_state_dict` call that failed.
-            frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+            frames = (frame for frame, _ in traceback.walk_tb(error.__traceback__))
             files = [
                 frame.f_locals.get("checkpoint_file") for frame in frames if frame.f_code is load_state_dict.__code__
             ]
