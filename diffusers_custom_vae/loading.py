@@ -1,13 +1,13 @@
 """Loading any VAE the package works with (`CustomVAE`, diffusers' `AutoencoderKL`) from a folder or a Hub repo id,
 as strictly as `CustomVAE.from_pretrained`: missing, unexpected, mismatched, non-floating or non-finite weights, a
 config of another kind of model and a folder without a config are errors that name the path and what was expected.
-The checks themselves are `from_pretrained_strictly`, in the model file (which also runs without this package)."""
+The weight checks themselves are `StrictLoadingMixin`'s, in the model file (which also runs without this package)."""
 
 import os
 
 from diffusers import AutoencoderKL
 
-from .modeling_custom_vae import CustomVAE, from_pretrained_strictly
+from .modeling_custom_vae import CustomVAE, StrictLoadingMixin
 
 VAE_CLASSES = {"CustomVAE": CustomVAE, "AutoencoderKL": AutoencoderKL}
 
@@ -26,7 +26,7 @@ def vae_class(config: dict, source: str) -> type:
 def load_vae(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> CustomVAE | AutoencoderKL:
     r"""
     Load the `CustomVAE` or `AutoencoderKL` that a folder or Hub repo holds, with the checks of
-    [`from_pretrained_strictly`] whichever class it is.
+    [`StrictLoadingMixin.from_pretrained`] whichever class it is.
 
     Args:
         name_or_path (`str` or `os.PathLike`): A folder written by `save_pretrained`, or a Hub repo id.
@@ -45,9 +45,14 @@ def load_vae(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> Custo
     config_kwargs = ("subfolder", "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
     config = CustomVAE.load_config(source, **{k: v for k, v in from_pretrained_kwargs.items() if k in config_kwargs})
     cls = vae_class(config, os.path.join(source, subfolder) if subfolder else source)
-    if cls is CustomVAE:  # strict already, and also as remote code
-        return CustomVAE.from_pretrained(source, **from_pretrained_kwargs)
-    return from_pretrained_strictly(cls.from_pretrained, source, **from_pretrained_kwargs)
+    if issubclass(cls, StrictLoadingMixin):  # CustomVAE: strict already, and also as remote code
+        return cls.from_pretrained(source, **from_pretrained_kwargs)
+    # diffusers builds the model with the class whose from_pretrained it runs: a subclass of the same name that adds
+    # the checks, whose model then becomes a plain `cls`, as diffusers' own loader would give.
+    strict = type(cls.__name__, (StrictLoadingMixin, cls), {"__module__": cls.__module__})
+    loaded = strict.from_pretrained(source, **from_pretrained_kwargs)
+    (loaded[0] if isinstance(loaded, tuple) else loaded).__class__ = cls  # with output_loading_info: (model, info)
+    return loaded
 
 
 def _check_folder(folder: str, subfolder: str | None):

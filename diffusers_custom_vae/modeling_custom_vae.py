@@ -6,27 +6,25 @@ downsampling, nearest-neighbour upsampling, one self-attention block at the bott
 `strict=True`. Around it sits what diffusers expects of a VAE: a config, `encode`/`decode` outputs, slicing, tiling,
 gradient checkpointing and model offload.
 
-This file imports only torch, diffusers and the libraries diffusers requires (huggingface_hub, safetensors), never the
-diffusers_custom_vae package: `save_pretrained` copies it beside the weights, and diffusers loads it from there as
-remote code (`trust_remote_code=True`) where the package is not installed. Its path is recorded in saved pipelines:
-it never moves.
+This file imports only torch and diffusers, never the diffusers_custom_vae package: `save_pretrained` copies it beside
+the weights, and diffusers loads it from there as remote code (`trust_remote_code=True`) where the package is not
+installed. Its path is recorded in saved pipelines: it never moves.
 """
 
 import json
 import math
 import os
 import shutil
+import traceback
 import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.model_loading_utils import load_state_dict
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from diffusers.utils.accelerate_utils import apply_forward_hook
-from huggingface_hub import try_to_load_from_cache
-from safetensors import safe_open  # a requirement of diffusers
 from torch import nn
 
 # diffusers has moved these before (#6129): they are imported here and nowhere else.
@@ -325,7 +323,56 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
     return (out / weights).to(x.dtype)
 
 
-class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
+# ---------------------------------------------------------------------------------------------------- strict loading
+# diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched ones (left random
+# or on the meta device), and casts integer weights and loads NaN without a word. The checks below see what it read
+# before it casts or places a weight. They are here, not in a module beside this file, because from a pipeline's Hub
+# repo diffusers downloads only this one code file (tests/test_remote_code.py); `load_vae` applies them to
+# `AutoencoderKL` too.
+
+
+class StrictLoadingMixin:
+    """Makes a diffusers `ModelMixin` class load strictly: see `from_pretrained`."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Load a saved model from a local folder or a Hub repo id, as [`ModelMixin.from_pretrained`] does (all its
+        arguments work, `device_map` with CPU or disk offload included), but refuse:
+
+        - weights missing from the files, unexpected ones, or ones of another shape (`ValueError`, "don't fit its
+          config.json");
+        - weights that are not floating-point (int8, bool, ...), which diffusers would silently cast (`ValueError`);
+        - NaN or inf weights, also those that only overflow in `torch_dtype` (`ValueError`);
+        - files that are truncated or corrupt, and pickles (`.bin`) that hold Python objects besides tensors, refused
+          for safety since unpickling them could run any code (`OSError`).
+
+        Weights that `device_map` offloads to the CPU or the disk are checked as well.
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as error:
+            # diffusers' error for a file it cannot read says neither why nor, in words to rely on, which file: the
+            # file is the argument of the `load_state_dict` call that failed.
+            frames = (frame for frame, _ in traceback.walk_tb(error.__traceback__))
+            files = [
+                frame.f_locals.get("checkpoint_file") for frame in frames if frame.f_code is load_state_dict.__code__
+            ]
+            if not files or not isinstance(files[-1], str):
+                raise
+            raise _unreadable(files[-1], error) from error
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, resolved_model_file, source, *args, **kwargs):
+        # diffusers calls this with what it read, before it casts or places any weight: the state_dict of a single
+        # file, or the shard files it then reads one at a time (as this does first). `model` may be on the meta device.
+        state_dicts = [state_dict] if state_dict is not None else map(load_state_dict, resolved_model_file)
+        if problem := _weights_problem(model, state_dicts, source):
+            raise problem
+        return super()._load_pretrained_model(model, state_dict, resolved_model_file, source, *args, **kwargs)
+
+
+class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The tutorial's VAE, with KL loss, for encoding images into latents and decoding latents into images.
 
@@ -544,23 +591,11 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         reconstruction = self.decode(z).sample
+        if not return_dict:
+            return (reconstruction, posterior) if return_posterior else (reconstruction,)
         if return_posterior:
-            return (
-                CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
-                if return_dict
-                else (reconstruction, posterior)
-            )
-        return DecoderOutput(sample=reconstruction) if return_dict else (reconstruction,)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        r"""
-        Load a saved `CustomVAE` from a local folder or a Hub repo id, as [`ModelMixin.from_pretrained`] does (all its
-        arguments work, `device_map` with CPU or disk offload included), but refuse weights that are missing,
-        unexpected, of the wrong shape, not floating-point or not finite instead of leaving them random or casting
-        them: see [`from_pretrained_strictly`].
-        """
-        return from_pretrained_strictly(super().from_pretrained, pretrained_model_name_or_path, **kwargs)
+            return CustomVAEOutput(sample=reconstruction, latent_dist=posterior)
+        return DecoderOutput(sample=reconstruction)
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         r"""
@@ -587,217 +622,62 @@ class CustomVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin):
         return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------- strict loading
-# Diffusers' loader only logs a warning for weights missing from a checkpoint (they stay random, or on the meta device)
-# and casts integer weights to float without a word. The checks below read the weight files themselves, one tensor
-# at a time, so they see weights that `device_map` offloads and do not depend on the wording of diffusers' errors.
-# They live in this file because it also runs as remote code, where the diffusers_custom_vae package is absent, and
-# not in a module beside it that it imports (`from .x import y`): from a pipeline's Hub repo, diffusers downloads only
-# this one code file of the VAE's folder (tests/test_remote_code.py). The package's `load_vae` applies them to
-# diffusers' `AutoencoderKL` too.
-
-
-def from_pretrained_strictly(load, pretrained_model_name_or_path, **kwargs):
-    r"""
-    Load a model with `load`, a diffusers model class's `from_pretrained` (e.g. `AutoencoderKL.from_pretrained`), then
-    check the weight files it read against the model, and refuse:
-
-    - weights missing from the files, unexpected ones, or ones of another shape (`ValueError`, "don't fit its
-      config.json");
-    - weights that are not floating-point (int8, bool, ...), which diffusers would silently cast (`ValueError`);
-    - NaN or inf weights, also those that only overflow when cast to `torch_dtype` (`ValueError`);
-    - files that are truncated or corrupt, and pickles (`.bin`) that hold Python objects besides tensors, refused for
-      safety since unpickling them could run any code (`OSError`).
-
-    Weights that `device_map` offloads to the CPU or the disk are checked as well. When diffusers' loader itself fails
-    on a bad checkpoint, the error names what the files show instead.
-
-    Args:
-        load (`Callable`): The `from_pretrained` classmethod of a diffusers `ModelMixin` class.
-        pretrained_model_name_or_path (`str` or `os.PathLike`): A `save_pretrained` folder, or a Hub repo id.
-        **kwargs: Passed to `load` (`subfolder`, `variant`, `torch_dtype`, `device_map`, `cache_dir`, ...).
-
-    Returns:
-        The model, or `(model, loading_info)` with `output_loading_info=True`.
-    """
-    model_class, source = load.__self__, os.fspath(pretrained_model_name_or_path)
-    want_info = kwargs.pop("output_loading_info", False)
-    try:
-        model, info = load(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-    except Exception as error:
-        problem = _checkpoint_problem(model_class, source, kwargs)
-        if problem is None:  # the files look fine (or were never found): diffusers' error says what went wrong
-            raise
-        raise problem from error
-    if (problem := _checkpoint_problem(model_class, source, kwargs, model)) is not None:
-        raise problem
-    return (model, info) if want_info else model
-
-
-def _checkpoint_problem(model_class, source: str, kwargs: dict, model=None) -> Exception | None:
-    """What is wrong with the weight files `from_pretrained(source, **kwargs)` reads, for `model` (or, when loading
-    failed, for an empty model built from the config); `None` when nothing is, or there is nothing to check."""
-    files, torch_dtype = _weight_files(source, kwargs), None
-    if model is None:
-        model = _empty_model(model_class, source, kwargs)
-        if not files or model is None:
-            return None
-        torch_dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))  # what the loaded model would have held
-    elif not files:
-        return OSError(f"Loaded {source}, but found none of the weight files diffusers reads there to check them.")
-    try:
-        return _weights_problem(files, model, source, torch_dtype)
-    except OSError as error:  # a file that cannot be read
-        return error
-
-
-def _weight_files(source: str, kwargs: dict) -> list[str]:
-    """The weight files `from_pretrained` reads for these arguments, picked as diffusers picks them (a shard index
-    before a single file, safetensors before a pickle unless `use_safetensors` says otherwise), where they are on
-    this machine: in the folder, or in the Hub cache. Empty when there are none."""
-    subfolder, variant, use_safetensors = kwargs.get("subfolder"), kwargs.get("variant"), kwargs.get("use_safetensors")
-
-    def local_path(name: str) -> str | None:
-        relative = "/".join(part for part in (subfolder, name) if part)
-        if os.path.isdir(source):
-            path = os.path.join(source, relative)
-            return path if os.path.isfile(path) else None
-        try:
-            path = try_to_load_from_cache(
-                source, relative, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
-            )
-        except ValueError:  # neither a folder nor a valid repo id
-            return None
-        return path if isinstance(path, str) else None  # None, or a marker that the file does not exist
-
-    candidates = {
-        None: [SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME],  # a pickle only without safetensors
-        True: [SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME],
-        False: [WEIGHTS_INDEX_NAME, WEIGHTS_NAME],
-    }[use_safetensors]
-    for name in candidates:
-        path = local_path(_with_variant(name, variant))
-        if path is not None and name.endswith(".json"):  # a sharded checkpoint: the index names its files
-            with open(path, encoding="utf-8") as index:
-                shards = sorted(set(json.load(index)["weight_map"].values()))
-            return [shard for shard in map(local_path, shards) if shard is not None]
-        if path is not None:
-            return [path]
-    return []
-
-
-def _with_variant(name: str, variant: str | None) -> str:
-    """diffusion_pytorch_model.safetensors -> diffusion_pytorch_model.fp16.safetensors (the variant before the last
-    extension, as diffusers names variants)."""
-    if not variant:
-        return name
-    stem, extension = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{extension}"
-
-
-def _empty_model(model_class, source: str, kwargs: dict):
-    """The model `source`'s config describes, on the meta device (shapes only); `None` when the config cannot be read
-    or built, which diffusers' own error then explains."""
-    hub_kwargs = {key: kwargs[key] for key in ("subfolder", "cache_dir", "revision", "token") if key in kwargs}
-    try:
-        config = model_class.load_config(source, local_files_only=True, **hub_kwargs)
-        with torch.device("meta"):
-            return model_class.from_config(config)
-    except Exception:
-        return None
-
-
-def _weights_problem(files: list[str], model, source: str, torch_dtype=None) -> ValueError | None:
-    """Compares every tensor in `files` with `model`'s (its names, shapes and dtypes: meta tensors where weights
-    are offloaded or not loaded). The values are checked in the dtype the model holds them in (`torch_dtype`, when
-    given, for the floating-point ones of an empty model), so a float32 weight too large for float16 counts."""
-    expected = model.state_dict()
-    rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of deprecated attention keys
-    found, unexpected, mismatched = set(), [], []
-    problems = {"not floating-point": [], "not finite": [], "overflows": []}  # weight_value_problem's kinds
-    for path in files:
-        names, read = _open_weights(path)
-        renamed = {name: name for name in names}  # model name -> name in the file
-        if rename is not None:
-            rename(renamed)
-        for name, stored_name in renamed.items():
+def _weights_problem(model, state_dicts, source: str) -> ValueError | None:
+    """What is wrong with the weights in `state_dicts` for `model`, whose tensors give the names, shapes and dtypes
+    expected; `None` when nothing is. Values are checked in the dtype the model holds them in (its `torch_dtype`), so
+    a float32 weight too large for float16 counts."""
+    expected, found = model.state_dict(), set()
+    mismatched = "mismatched shapes, checkpoint vs model"
+    problems = {kind: [] for kind in ("unexpected keys", mismatched, "not floating-point", "not finite", "overflows")}
+    for state_dict in state_dicts:
+        for name, tensor in state_dict.items():
             found.add(name)
-            if name not in expected:
-                unexpected.append(name)
-                continue
-            tensor, target = read(stored_name), expected[name]
-            dtype = torch_dtype or target.dtype
-            if tensor.shape != target.shape:
-                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
-            elif target.is_floating_point() and (problem := weight_value_problem(tensor, dtype)):
-                detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({dtype})"}.get(problem, "")
-                problems[problem].append(name + detail)
-    missing = [name for name in expected if name not in found]
-    not_floating, not_finite, overflowing = problems.values()
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-
-    structure = [
-        f"{kind}: {listed(names)}"
-        for kind, names in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("mismatched shapes, checkpoint vs model", mismatched),
-        )
-        if names
-    ]
+            target = expected.get(name)
+            if target is None:
+                problems["unexpected keys"].append(name)
+            elif tensor.shape != target.shape:
+                problems[mismatched].append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
+            elif target.is_floating_point() and (kind := weight_value_problem(tensor, target.dtype)):
+                detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({target.dtype})"}.get(kind, "")
+                problems[kind].append(name + detail)
+    problems = {"missing keys": [name for name in expected if name not in found], **problems}
+    listed = lambda names: ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+    structure = [f"{kind}: {listed(names)}" for kind, names in list(problems.items())[:3] if names]
     if structure:
         return ValueError(
             f"The weights in {source} don't fit its config.json ({'; '.join(structure)}). "
             "Were they saved from a different config?"
         )
-    if not_floating:
+    if names := problems["not floating-point"]:
         return ValueError(
-            f"The checkpoint in {source} holds weights that are not floating-point: {listed(not_floating)}. "
+            f"The checkpoint in {source} holds weights that are not floating-point: {listed(names)}. "
             f"{type(model).__name__} computes in floating point, and casting them would silently change what they "
             "mean (a quantised or corrupted file?). Save the floating-point weights with save_pretrained."
         )
-    if not_finite:
-        return ValueError(f"The checkpoint in {source} has NaN or inf weights in {not_finite[:8]}.")
-    if overflowing:
+    if names := problems["not finite"]:
+        return ValueError(f"The checkpoint in {source} has NaN or inf weights in {names[:8]}.")
+    if names := problems["overflows"]:
         return ValueError(
-            f"Weights in {source} become inf in the dtype they are loaded in: {listed(overflowing)}. Load them in a "
-            "wider one (torch_dtype=torch.float32 or torch.bfloat16)."
+            f"Weights in {source} become inf in the dtype they are loaded in: {listed(names)}. Load them in a wider "
+            "one (torch_dtype=torch.float32 or torch.bfloat16)."
         )
     return None
 
 
-def _open_weights(path: str):
-    """The names in a safetensors or PyTorch (`.bin`) weight file, and a function that reads one tensor by name (the
-    file is memory-mapped: one tensor at a time is in memory). An `OSError` for a file that cannot be read, and for a
-    pickle that holds Python objects besides tensors, which is refused for safety."""
-    try:
-        if path.endswith(".safetensors"):
-            file = safe_open(path, framework="pt")
-            return list(file.keys()), file.get_tensor
-        _refuse_unsafe_pickle(path)
-        # weights_only: torch's restricted unpickler, which rebuilds tensors and containers and runs nothing else.
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except OSError:
-        raise
-    except Exception as error:  # safetensors and torch raise many types for unreadable files
-        raise OSError(
-            f"Unable to read the weights in {path}: the file is truncated or corrupt ({type(error).__name__}: "
-            f"{error}). Download or save it again."
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise OSError(f"{path} does not hold a state_dict (a dict of tensors).")
-    return list(state_dict), state_dict.__getitem__
-
-
-def _refuse_unsafe_pickle(path: str):
+def _unreadable(path: str, error: Exception) -> OSError:
+    """The error for a weight file that diffusers could not read: a pickle refused for safety, or a damaged file."""
     if unsafe := unsafe_pickle_globals(path):
-        raise OSError(
+        return OSError(
             f"{path} is a pickle that holds Python objects besides tensors ({', '.join(unsafe[:5])}). It was refused "
             "for safety: unpickling it could run any code. If you trust it, load it yourself and save the weights "
             "with save_pretrained (safetensors)."
         )
+    while error.__context__ is not None:  # the reader's own error, beneath diffusers' rewording of it
+        error = error.__context__
+    return OSError(
+        f"Unable to read the weights in {path}: the file is truncated or corrupt ({type(error).__name__}: {error}). "
+        "Download or save it again."
+    )
 
 
 def unsafe_pickle_globals(path) -> list[str] | None:

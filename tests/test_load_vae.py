@@ -50,6 +50,8 @@ def test_each_class_loads_as_itself(tmp_path, saved_akl, autoencoder_kl, tiny_va
     akl = load_vae(str(saved_akl), torch_dtype=torch.float16)
     assert type(akl) is AutoencoderKL and akl.dtype == torch.float16
     assert_same_weights(akl, autoencoder_kl.half())
+    akl, info = load_vae(saved_akl, output_loading_info=True)
+    assert type(akl) is AutoencoderKL and akl.config._class_name == "AutoencoderKL" and not info["missing_keys"]
 
 
 @pytest.mark.parametrize(
