@@ -323,7 +323,13 @@ class Trainer:
         metrics = {}
         if self.accelerator.is_main_process:
             metrics = write_output_folder(
-                self.model, self.objective, self.data, self.config, self.accelerator.num_processes, throughput
+                self.model,
+                self.objective,
+                self.data,
+                self.config,
+                self.accelerator.num_processes,
+                throughput,
+                run_id=self.checkpoints.run_id,
             )
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
