@@ -319,6 +319,7 @@ def test_an_output_folder_inside_a_file_is_refused_before_training(train_vae, im
 
 
 def test_a_resume_with_another_model_config_says_so(train_vae, tmp_path, capsys):
+    """Another config is named with the flag it came from; the same config in another file is no change."""
     out = tmp_path / "out"
     train_vae(out)
     (tmp_path / "wider.json").write_text(json.dumps({**TINY_8X, "block_out_channels": [8, 8, 16, 32]}))
@@ -326,8 +327,20 @@ def test_a_resume_with_another_model_config_says_so(train_vae, tmp_path, capsys)
         train_vae(out, "--model_config", str(tmp_path / "wider.json"), "--resume_from_checkpoint", "latest")
     error = error_line(capsys)
     assert "model config" in error and "block_out_channels" in error and "[8, 8, 16, 16]" in error
+    assert f"--model_config {tmp_path / 'wider.json'}" in error
     assert "damaged" not in error and "intact" not in error
     assert checkpoint_steps(out) == [1, 2]
+    (tmp_path / "same.json").write_text(json.dumps(TINY_8X, indent=4))
+    train_vae(
+        out,
+        "--model_config",
+        str(tmp_path / "same.json"),
+        "--max_train_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "latest",
+    )
+    assert checkpoint_steps(out) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -372,6 +385,36 @@ def test_a_resume_on_another_data_folder_is_refused(train_vae, image_folder, tmp
     train_vae(
         out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--train_data_dir", image_folder.name
     )
+    assert checkpoint_steps(out) == [1, 2, 3]
+
+
+def test_a_local_dataset_is_the_same_setting_by_any_path_and_another_by_the_same_one(
+    tmp_path, run_example, capsys, monkeypatch
+):
+    """`--dataset_name` naming a local dataset, like `--train_data_dir`, is recorded by where it is: resumed from
+    another working folder by another relative path it is the same; the same relative name elsewhere is another."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    for name in ("ds", "elsewhere/ds"):
+        images = [Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)) for _ in range(6)]
+        datasets.Dataset.from_dict({"image": images}).save_to_disk(str(tmp_path / name))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_8X))
+
+    def train(dataset, steps, *extra):
+        argv = ["--model_config", str(tmp_path / "tiny.json"), "--dataset_name", dataset, "--output_dir", str(out)]
+        argv += ["--resolution", "16", "--train_batch_size", "2", "--report_to", "none", "--checkpointing_steps", "1"]
+        return run_example("train_vae", [*argv, "--max_train_steps", steps, "--validation_steps", "100", *extra])
+
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    train("ds", "2")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit):
+        train("ds", "3", "--resume_from_checkpoint", "latest")
+    error = error_line(capsys)
+    assert "dataset_name" in error and str(tmp_path / "elsewhere" / "ds") in error and f"'{tmp_path / 'ds'}'" in error
+    assert checkpoint_steps(out) == [1, 2]
+    train("../ds", "3", "--resume_from_checkpoint", "latest")
     assert checkpoint_steps(out) == [1, 2, 3]
 
 
