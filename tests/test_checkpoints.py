@@ -2,6 +2,7 @@
 never the one just written, the user's own folders and files are left alone, a resume never unpickles, and a
 damaged checkpoint names the intact one to resume from instead."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,8 +13,11 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from diffusers_custom_vae import CustomVAE
 from diffusers_custom_vae.training import checkpoint_steps
 from diffusers_custom_vae.training.checkpoints import STATE_FILE, latest_checkpoint
+from diffusers_custom_vae.training.export import RECORD_FILE
+from diffusers_custom_vae.training.trainer import Trainer
 
 TINY_8X = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4, "num_attention_heads": 2}
 
@@ -221,6 +225,76 @@ def test_another_runs_checkpoints_are_never_replaced_even_when_overwriting(train
         assert sorted(path.name for path in run_b.rglob("*")) == b_files
 
 
+def test_a_resume_into_its_own_folder_never_overwrites_a_file_the_run_did_not_write(train_vae, tmp_path, capsys):
+    """The user's README.md put into the run's own folder after it finished: a resume is refused before any step,
+    naming the file, which is untouched; their other files are left alone. Moved away, the resume writes the card
+    and records it as the run's."""
+    out = tmp_path / "out"
+    train_vae(out)
+    (out / "README.md").write_text("my notes")
+    (out / "notes.txt").write_text("mine")
+    files = sorted(path.name for path in out.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_vae(out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    error = error_line(capsys)
+    assert exit_info.value.code == 2 and "README.md" in error and "--overwrite_output_dir" in error
+    assert "config.json" not in error  # the run's own files, as it wrote them, are its to replace
+    assert (out / "README.md").read_text() == "my notes" and sorted(path.name for path in out.rglob("*")) == files
+    (out / "README.md").rename(tmp_path / "README.md")
+    train_vae(out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert checkpoint_steps(out) == [1, 2, 3] and (out / "notes.txt").read_text() == "mine"
+    assert "README.md" in json.loads((out / RECORD_FILE).read_text())["files"]
+
+
+def test_a_file_that_appears_during_the_run_is_left_as_it_is(train_vae, tmp_path, capsys, monkeypatch):
+    """A README.md the user writes while the run trains is not overwritten by the export, which says so; a resume at
+    the last step, once it is moved, writes the card."""
+    out = tmp_path / "out"
+    fit = Trainer.fit
+
+    def fit_while_the_user_writes(self):
+        fit(self)
+        (out / "README.md").write_text("my notes")
+
+    monkeypatch.setattr(Trainer, "fit", fit_while_the_user_writes)
+    train_vae(out)
+    assert "left" in capsys.readouterr().out and (out / "README.md").read_text() == "my notes"
+    assert CustomVAE.from_pretrained(out) is not None  # the rest of the output folder is written
+    assert "README.md" not in json.loads((out / RECORD_FILE).read_text())["files"]
+    monkeypatch.undo()
+    (out / "README.md").unlink()
+    train_vae(out, "--resume_from_checkpoint", "latest")
+    assert (out / "README.md").read_text().startswith("---") and checkpoint_steps(out) == [1, 2]
+
+
+def test_overwriting_a_finished_run_removes_its_model_in_another_layout_and_nothing_else(train_vae, tmp_path):
+    """An earlier model saved sharded and as .bin, an earlier run's record of its samples.png, the user's notes and
+    an edited file the record lists, another run's checkpoint: --overwrite_output_dir leaves a folder that loads the
+    new model, and removes only the earlier model's files and what the earlier run wrote, unchanged."""
+    out = tmp_path / "out"
+    torch.manual_seed(1)
+    earlier = CustomVAE(**TINY_8X)
+    earlier.save_pretrained(tmp_path / "as_bin", safe_serialization=False)
+    earlier.save_pretrained(out, max_shard_size="20KB")
+    os.replace(tmp_path / "as_bin" / "diffusion_pytorch_model.bin", out / "diffusion_pytorch_model.bin")
+    (out / "samples.png").write_bytes(b"an earlier run's samples")
+    (out / "edited.txt").write_text("the earlier run wrote this, the user edited it")
+    digests = {name: hashlib.sha256(b"an earlier run's samples").hexdigest() for name in ["samples.png", "edited.txt"]}
+    (out / RECORD_FILE).write_text(json.dumps({"run_id": "earlier", "files": digests}))
+    (out / "notes.txt").write_text("mine")
+    other_run = earlier_runs_checkpoint(out)
+    assert len(list(out.glob("diffusion_pytorch_model-0000*-of-*.safetensors"))) > 1
+    train_vae(out, "--overwrite_output_dir")
+    model_files = sorted(path.name for path in out.glob("diffusion_pytorch_model*"))
+    assert model_files == ["diffusion_pytorch_model.safetensors"]
+    new = safetensors.torch.load_file(out / "diffusion_pytorch_model.safetensors")
+    loaded = CustomVAE.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[name], weights) for name, weights in new.items())
+    assert not (out / "samples.png").exists() and (out / "edited.txt").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((other_run / STATE_FILE).read_text())["run_id"] == "earlier"
+
+
 def test_latest_does_not_skip_the_guard(train_vae, tmp_path, capsys):
     """`latest` resumes this run's newest checkpoint, and is refused where it would save over another run's."""
     out = tmp_path / "out"
@@ -245,6 +319,7 @@ def test_an_output_folder_inside_a_file_is_refused_before_training(train_vae, im
 
 
 def test_a_resume_with_another_model_config_says_so(train_vae, tmp_path, capsys):
+    """Another config is named with the flag it came from; the same config in another file is no change."""
     out = tmp_path / "out"
     train_vae(out)
     (tmp_path / "wider.json").write_text(json.dumps({**TINY_8X, "block_out_channels": [8, 8, 16, 32]}))
@@ -252,8 +327,20 @@ def test_a_resume_with_another_model_config_says_so(train_vae, tmp_path, capsys)
         train_vae(out, "--model_config", str(tmp_path / "wider.json"), "--resume_from_checkpoint", "latest")
     error = error_line(capsys)
     assert "model config" in error and "block_out_channels" in error and "[8, 8, 16, 16]" in error
+    assert f"--model_config {tmp_path / 'wider.json'}" in error
     assert "damaged" not in error and "intact" not in error
     assert checkpoint_steps(out) == [1, 2]
+    (tmp_path / "same.json").write_text(json.dumps(TINY_8X, indent=4))
+    train_vae(
+        out,
+        "--model_config",
+        str(tmp_path / "same.json"),
+        "--max_train_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "latest",
+    )
+    assert checkpoint_steps(out) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -298,6 +385,36 @@ def test_a_resume_on_another_data_folder_is_refused(train_vae, image_folder, tmp
     train_vae(
         out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--train_data_dir", image_folder.name
     )
+    assert checkpoint_steps(out) == [1, 2, 3]
+
+
+def test_a_local_dataset_is_the_same_setting_by_any_path_and_another_by_the_same_one(
+    tmp_path, run_example, capsys, monkeypatch
+):
+    """`--dataset_name` naming a local dataset, like `--train_data_dir`, is recorded by where it is: resumed from
+    another working folder by another relative path it is the same; the same relative name elsewhere is another."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    for name in ("ds", "elsewhere/ds"):
+        images = [Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)) for _ in range(6)]
+        datasets.Dataset.from_dict({"image": images}).save_to_disk(str(tmp_path / name))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_8X))
+
+    def train(dataset, steps, *extra):
+        argv = ["--model_config", str(tmp_path / "tiny.json"), "--dataset_name", dataset, "--output_dir", str(out)]
+        argv += ["--resolution", "16", "--train_batch_size", "2", "--report_to", "none", "--checkpointing_steps", "1"]
+        return run_example("train_vae", [*argv, "--max_train_steps", steps, "--validation_steps", "100", *extra])
+
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    train("ds", "2")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit):
+        train("ds", "3", "--resume_from_checkpoint", "latest")
+    error = error_line(capsys)
+    assert "dataset_name" in error and str(tmp_path / "elsewhere" / "ds") in error and f"'{tmp_path / 'ds'}'" in error
+    assert checkpoint_steps(out) == [1, 2]
+    train("../ds", "3", "--resume_from_checkpoint", "latest")
     assert checkpoint_steps(out) == [1, 2, 3]
 
 

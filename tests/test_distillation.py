@@ -323,8 +323,11 @@ def test_stop_and_resume_with_a_teacher_ends_with_the_same_weights(
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
-def test_a_resume_needs_the_checkpoints_teacher(workdir, teacher, tmp_path, run_example, capsys):
-    run_example("train_vae", flags(workdir, tmp_path / "out", "--teacher_vae", str(teacher)))
+def test_a_resume_needs_the_checkpoints_teacher(workdir, teacher, tmp_path, run_example, capsys, monkeypatch):
+    """Refusals name the checkpoint's teacher by where it is, though it was given by a relative path elsewhere."""
+    monkeypatch.chdir(teacher.parent)
+    run_example("train_vae", flags(workdir, tmp_path / "out", "--teacher_vae", teacher.name))
+    monkeypatch.chdir(tmp_path)
     other = tmp_path / "other"
     tiny_autoencoder_kl(0.5).save_pretrained(other)
     resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]

@@ -249,6 +249,21 @@ def test_stop_and_resume_ends_with_the_same_weights(workdir, tmp_path, run_examp
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+def test_a_resume_names_the_vae_by_where_it_is(workdir, tmp_path, run_example, capsys, monkeypatch):
+    """`--vae` by a relative path from elsewhere is the same VAE; a changed resolution is named as the flag."""
+    run_example("train_latent_diffusion", flags(workdir, tmp_path / "out", "--checkpointing_steps", "1"))
+    monkeypatch.chdir(workdir)
+    resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    error = error_of(
+        run_example, capsys, "train_latent_diffusion", flags(workdir, tmp_path / "out", *resume, "--resolution", "32")
+    )
+    assert "resolution [32, 32]" in error and "[16, 16]" in error and "sample_size" not in error
+    argv = flags(workdir, tmp_path / "out", *resume)
+    argv[argv.index("--vae") + 1] = "vae"
+    run_example("train_latent_diffusion", argv)
+    assert checkpoint_steps(tmp_path / "out") == [1, 2, 3]
+
+
 def test_the_docs_python_snippets_run(trained, tmp_path, monkeypatch):
     """docs/latent-diffusion.md as printed, on a copy of the trained folder whose classes are named as there."""
     shutil.copytree(trained[0], tmp_path / "pets-dit")

@@ -85,8 +85,8 @@ def refuse_changes(kind: str, recorded: dict, current: dict, folder: Path):
     ]
     if changed:
         raise CheckpointError(
-            f"This run's {kind} differs from the one {folder} was trained with: {'; '.join(changed)}. Resume with "
-            "the checkpoint's, or start a new run (another --output_dir) to change it."
+            f"This run differs from {folder} in its {kind}: {'; '.join(changed)}. Resume with the checkpoint's, or "
+            "start a new run (another --output_dir) to change it."
         )
 
 

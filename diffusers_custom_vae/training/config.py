@@ -33,6 +33,15 @@ RUN_CONTROLS = {
     "dataloader_num_workers", "cache_dir", "mixed_precision", "gradient_checkpointing", "model_config",
     "pretrained_model_name_or_path", "teacher_vae", "teacher_vae_subfolder", "guidance_scale", "num_inference_steps",
 }  # fmt: skip
+# Settings that name a file or folder, or a Hub id: a local one is recorded by its absolute path (`local_path`), so the
+# same folder by another relative path, or from another working folder, is the same setting, and another folder by
+# the same relative path is not.
+PATH_SETTINGS = ("train_data_dir", "dataset_name", "cache_dir", "pretrained_model_name_or_path", "teacher_vae", "vae")
+
+
+def local_path(value: str | None) -> str | None:
+    """`value`'s absolute path where it names something on this machine; otherwise (a Hub id, `None`) `value`."""
+    return os.path.abspath(value) if value and os.path.exists(value) else value
 
 
 def _flag(default, help: str, **kwargs):
@@ -135,11 +144,11 @@ class RunConfig:
         return {name: getattr(self, name) for name in names}
 
     def shaping_settings(self) -> dict:
-        """The settings that shape what is learned (all but `RUN_CONTROLS`): a checkpoint records them, and a resume
-        that changes one is refused."""
+        """The settings that shape what is learned (all but `RUN_CONTROLS`; local paths absolute): a checkpoint records
+        them, and a resume that changes one is refused."""
         settings = {name: value for name, value in self.to_json_dict().items() if name not in RUN_CONTROLS}
-        if self.train_data_dir:  # the same folder, whichever folder the command runs in
-            settings["train_data_dir"] = os.path.abspath(self.train_data_dir)
+        for name in settings.keys() & PATH_SETTINGS:  # the same folder, whichever folder the command runs in
+            settings[name] = local_path(settings[name])
         return settings
 
     def to_json_dict(self) -> dict:

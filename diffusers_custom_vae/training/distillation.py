@@ -21,7 +21,7 @@ from ..loading import load_vae
 from ..losses import AdversarialLoss, PatchDiscriminator, ReconstructionLoss
 from ..metrics import psnr
 from ..modeling_custom_vae import CustomVAE, downsample_factor_of
-from .config import TrainConfig
+from .config import TrainConfig, local_path
 from .objectives import VAEObjective, build_vae, other_terms, preset_config
 
 
@@ -166,7 +166,7 @@ class DistillationObjective(VAEObjective):
         return {
             "objective": self.name,
             "resume_with": f"its teacher, --teacher_vae {' --teacher_vae_subfolder '.join(self._teacher_flags())}",
-            "teacher_vae": self.config.teacher_vae,
+            "teacher_vae": local_path(self.config.teacher_vae),  # a local folder by its absolute path
             "teacher_vae_subfolder": self.config.teacher_vae_subfolder,
             "teacher_fingerprint": self.teacher_fingerprint,
         }
@@ -181,7 +181,7 @@ class DistillationObjective(VAEObjective):
             )
 
     def _teacher_flags(self) -> list[str]:
-        return [part for part in (self.config.teacher_vae, self.config.teacher_vae_subfolder) if part]
+        return [part for part in (local_path(self.config.teacher_vae), self.config.teacher_vae_subfolder) if part]
 
     @property
     def teacher_fingerprint(self) -> str:

@@ -233,6 +233,10 @@ class LatentDiffusionObjective(Objective):
     def checkpoint_facts(self) -> dict:
         return {"objective": self.name, "resume_with": f"its VAE, --vae {vae_source(self.config)}"}
 
+    @property
+    def model_source(self) -> str:
+        return f"--model_config {self.config.model_config}"
+
 
 def vae_source(config: LatentDiffusionConfig) -> str:
     return "/".join(part for part in (config.vae, config.vae_subfolder) if part)

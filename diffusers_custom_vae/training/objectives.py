@@ -46,7 +46,8 @@ class Objective:
       training paragraph is `training`, which ends with `description`), each written through `written`
       (`export.WrittenFiles`, whose record is what a push uploads); returns the held-out metrics.
     - `checkpoint_facts()`: JSON facts each checkpoint records (the trainer refuses to resume a checkpoint whose
-      "objective" differs, naming its "resume_with"); `check_resume(facts, folder)` may refuse more.
+      "objective" differs, naming its "resume_with"); `check_resume(facts, folder)` may refuse more; `model_source`:
+      the flag the model's config comes from, which a refusal of another model config names.
     """
 
     name = "training run"
@@ -74,6 +75,11 @@ class Objective:
     @property
     def description(self) -> str:
         """What is learned, in a clause for the model card's training paragraph."""
+        return ""
+
+    @property
+    def model_source(self) -> str:
+        """The flag the model's config comes from, for a refusal to resume to name ("": none to name)."""
         return ""
 
     def checkpoint_facts(self) -> dict:
@@ -168,6 +174,12 @@ class VAEObjective(Objective):
 
     def checkpoint_facts(self) -> dict:
         return {"objective": self.name, "resume_with": "examples/train_vae.py, without --teacher_vae"}
+
+    @property
+    def model_source(self) -> str:
+        if self.config.pretrained_model_name_or_path:
+            return f"--pretrained_model_name_or_path {self.config.pretrained_model_name_or_path}"
+        return f"--model_config {self.config.model_config or 'tutorial'}"
 
     @property
     def description(self) -> str:

@@ -153,13 +153,17 @@ class Trainer:
 
     def _check_resume(self, facts: dict, folder: Path):
         """A checkpoint resumes only with the objective that wrote it, which may refuse it too (another teacher), and
-        with the model config and settings it records (a change is refused, naming it)."""
+        with the settings and model config it records (a change is refused, naming it and the flag it comes from);
+        the model config is compared as built, so the same config from another file or a preset is no change."""
         ours = self.objective.checkpoint_facts()["objective"]
         if facts.get("objective", ours) != ours:
             raise ValueError(f"{folder} is a {facts['objective']}: resume it with {facts['resume_with']}.")
         self.objective.check_resume(facts, folder)
-        refuse_changes("model config", facts.get("model_config", {}), self._model_config(), folder)
+        # The flags first: a model config follows from some (a latent diffusion model's from --vae and --resolution).
         refuse_changes("training settings", facts.get("settings", {}), self.config.shaping_settings(), folder)
+        source = self.objective.model_source
+        kind = f"model config (from {source})" if source else "model config"
+        refuse_changes(kind, facts.get("model_config", {}), self._model_config(), folder)
 
     def _model_config(self) -> dict:
         return {name: value for name, value in self.model.config.items() if not name.startswith("_")}
@@ -323,7 +327,13 @@ class Trainer:
         metrics = {}
         if self.accelerator.is_main_process:
             metrics = write_output_folder(
-                self.model, self.objective, self.data, self.config, self.accelerator.num_processes, throughput
+                self.model,
+                self.objective,
+                self.data,
+                self.config,
+                self.accelerator.num_processes,
+                throughput,
+                run_id=self.checkpoints.run_id,
             )
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
