@@ -131,9 +131,7 @@ def test_weights_that_are_not_finite_are_refused_naming_the_tensors(tutorial_vae
     torch.save(
         spoiled(state_dict, encoder__conv_in__weight=nan_weight, decoder__conv_out__bias=inf_bias), tmp_path / "x.pt"
     )
-    with pytest.raises(
-        ValueError, match=r"NaN.*decoder.conv_out.bias.*encoder.conv_in.weight"
-    ):
+    with pytest.raises(ValueError, match=r"NaN.*decoder.conv_out.bias.*encoder.conv_in.weight"):
         convert_tutorial_checkpoint(tmp_path / "x.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -408,9 +408,7 @@ def test_inputs_within_one_tile_are_untouched(tiny_vae):
 
 @pytest.mark.parametrize("size, overlap", [(33, 8), (32, 7), (32, 32), (16, 24)])
 def test_enable_tiling_rejects_sizes_off_the_latent_grid(tiny_vae, size, overlap):
-    with pytest.raises(
-        ValueError, match=f"factor 2.*tile_sample_min_size={size}.*tile_overlap={overlap}"
-    ):
+    with pytest.raises(ValueError, match=f"factor 2.*tile_sample_min_size={size}.*tile_overlap={overlap}"):
         tiny_vae.enable_tiling(tile_sample_min_size=size, tile_overlap=overlap)
     assert not tiny_vae.use_tiling
 

@@ -396,7 +396,7 @@ def test_with_the_package_imported_a_saved_pipeline_loads_its_own_custom_vae_and
         swap_vae(pipe, tiny_custom_vae())
     save_pipeline(pipe, tmp_path)
     modeling_file = tmp_path / "vae" / "modeling_custom_vae.py"
-    modeling_file.write_text("raise RuntimeError('the folder\'s code ran')\n" + modeling_file.read_text())
+    modeling_file.write_text("raise RuntimeError('code from the folder ran')\n" + modeling_file.read_text())
 
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path)  # no trust_remote_code: the package's class
     assert type(reloaded.vae) is CustomVAE
