@@ -123,7 +123,7 @@ def throughput(resolution: int, batch_size: int, quick: bool, workdir: Path, dev
 
 def latent_spaces(vae_fields: dict, diffusion_fields: dict, workdir: Path, image: Path) -> tuple[dict, dict, dict]:
     """(budgets, {model: its VAE's `train` results}, {model: its DiT's}): a VAE of each kind trained alike, then a DiT
-    trained alike on each one's latents; their samples saved one above the other in `image`."""
+    trained alike on each one's latents; their samples saved side by side in `image`."""
     vae_configs = train_configs(vae_fields, workdir)
     vaes = {name: train(config, VAEObjective) for name, config in vae_configs.items()}
     dit_configs = {
@@ -137,7 +137,7 @@ def latent_spaces(vae_fields: dict, diffusion_fields: dict, workdir: Path, image
         for name, config in vae_configs.items()
     }
     dits = {name: train(config, LatentDiffusionObjective) for name, config in dit_configs.items()}
-    stacked([Image.open(Path(config.output_dir) / "samples.png") for config in dit_configs.values()]).save(image)
+    side_by_side([Image.open(Path(config.output_dir) / "samples.png") for config in dit_configs.values()]).save(image)
     config = next(iter(dit_configs.values()))
     diffusion_budget = {
         field: getattr(config, field)
@@ -146,13 +146,13 @@ def latent_spaces(vae_fields: dict, diffusion_fields: dict, workdir: Path, image
     return {"vae_budget": budget(vae_configs["CustomVAE"]), "diffusion_budget": diffusion_budget}, vaes, dits
 
 
-def stacked(images: list[Image.Image], gap: int = 8) -> Image.Image:
-    """The images one above the other, `gap` white pixels apart."""
-    width, height = max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)
-    canvas, top = Image.new("RGB", (width, height), "white"), 0
+def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
+    """The images left to right, `gap` white pixels apart."""
+    width, height = sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)
+    canvas, left = Image.new("RGB", (width, height), "white"), 0
     for picture in images:
-        canvas.paste(picture.convert("RGB"), (0, top))
-        top += picture.height + gap
+        canvas.paste(picture.convert("RGB"), (left, 0))
+        left += picture.width + gap
     return canvas
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--image",
         type=Path,
         default=Path(__file__).resolve().parent / "benchmark_latent_diffusion.png",
-        help="where to save the samples of the DiT on CustomVAE's latents above those on AutoencoderKL's",
+        help="where to save the samples of the DiT on CustomVAE's latents beside those on AutoencoderKL's",
     )
     args = parser.parse_args(argv)
     for path in (args.output, args.image):

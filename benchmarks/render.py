@@ -339,6 +339,7 @@ def latent_diffusion_section(data: dict) -> list[str]:
         for name, dit in dits.items()
     ]
     fid_notes = sorted({dit["fid_note"] for dit in dits.values()})
+    best = min(dits, key=lambda name: dits[name]["held_out_loss"])
     return [
         "## Latent diffusion: the latent cache, and which latent space diffuses better "
         "(`benchmarks/benchmark_latent_diffusion.py`)",
@@ -382,8 +383,11 @@ def latent_diffusion_section(data: dict) -> list[str]:
             space_rows,
         ),
         "",
+        f"Lowest held-out denoising loss: the DiT on {best}'s latents "
+        f"({', '.join(f'{name} {dit['held_out_loss']:.4f}' for name, dit in dits.items())}).",
+        "",
         f"Samples, one row per class (guidance {dit_budget['guidance_scale']}, {dit_budget['num_inference_steps']} "
-        "DDIM steps, fixed seeds): the DiT on CustomVAE's latents (top), then on AutoencoderKL's:",
+        "DDIM steps, fixed seeds): the DiT on CustomVAE's latents (left) and on AutoencoderKL's (right):",
         "",
         f"![samples of the DiTs on each latent space]({data['image_link']})",
     ]
