@@ -384,7 +384,7 @@ def latent_diffusion_section(data: dict) -> list[str]:
         ),
         "",
         f"Lowest held-out denoising loss: the DiT on {best}'s latents "
-        f"({', '.join(f'{name} {dit['held_out_loss']:.4f}' for name, dit in dits.items())}).",
+        "(" + ", ".join(f"{name} {dit['held_out_loss']:.4f}" for name, dit in dits.items()) + ").",
         "",
         f"Samples, one row per class (guidance {dit_budget['guidance_scale']}, {dit_budget['num_inference_steps']} "
         "DDIM steps, fixed seeds): the DiT on CustomVAE's latents (left) and on AutoencoderKL's (right):",
