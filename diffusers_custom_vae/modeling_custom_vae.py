@@ -42,16 +42,15 @@ from diffusers.models.attention_processor import (  # isort: skip
 )
 
 
-# The attention processors of diffusers that fit this attention, whose q, k and v come from one fused `projection`:
-# scaled_dot_product_attention (`AttnProcessor2_0`, the default; `FusedAttnProcessor2_0` is the same computation on
-# fused projections, which these already are), or the explicit softmax (`AttnProcessor`, diffusers' "default"
-# processor, which materialises the (T, T) weights as the tutorial does).
-SCALED_DOT_PRODUCT_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0)
-EXPLICIT_SOFTMAX_PROCESSORS = (AttnProcessor,)
-
-
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over a sequence: (B, T, C) -> (B, T, C)."""
+    """Multi-head self-attention over a sequence: (B, T, C) -> (B, T, C).
+
+    Like `AutoencoderKL`'s attention it runs a diffusers attention processor, one of those that fit q, k and v from
+    one fused `projection`: `AttnProcessor2_0` (scaled_dot_product_attention, the default), `FusedAttnProcessor2_0`
+    (the same: the projection is already fused) or `AttnProcessor` (the explicit softmax, as the tutorial writes it).
+    """
+
+    PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0, AttnProcessor)
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -60,15 +59,12 @@ class SelfAttention(nn.Module):
         self.out_projection = nn.Linear(embed_dim, embed_dim)
         self.processor = AttnProcessor2_0()
 
-    def get_processor(self):
-        """The diffusers attention processor in use (read by `CustomVAE.attn_processors`)."""
+    def get_processor(self):  # read by CustomVAE.attn_processors
         return self.processor
 
-    def set_processor(self, processor):
-        """Use `processor`: one of `SCALED_DOT_PRODUCT_PROCESSORS` or `EXPLICIT_SOFTMAX_PROCESSORS` (set by
-        `CustomVAE.set_attn_processor`). Others expect diffusers' `Attention` module, with separate q, k, v."""
-        if not isinstance(processor, SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS):
-            supported = ", ".join(cls.__name__ for cls in SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS)
+    def set_processor(self, processor):  # called by CustomVAE.set_attn_processor
+        if not isinstance(processor, self.PROCESSORS):
+            supported = ", ".join(cls.__name__ for cls in self.PROCESSORS)
             raise ValueError(
                 f"CustomVAE's attention computes q, k and v with one fused projection and runs diffusers' "
                 f"{supported}; got {type(processor).__name__}, which expects diffusers' Attention module."
@@ -79,7 +75,7 @@ class SelfAttention(nn.Module):
         batch, tokens, channels = x.shape
         q, k, v = self.projection(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if isinstance(self.processor, EXPLICIT_SOFTMAX_PROCESSORS):
+        if isinstance(self.processor, AttnProcessor):
             weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (B, nh, T, T)
             y = weights @ v
         else:  # softmax(q k^T / sqrt(hs)) v, without materialising the (T, T) weights
@@ -455,23 +451,15 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return self.decoder.conv_in
 
     def set_default_attn_processor(self):
-        """
-        Use diffusers' default attention processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor`
-        does: the explicit softmax, as the tutorial writes it (deterministic, but its (T, T) weights take memory that
-        grows with the square of the latent area). `set_attn_processor(AttnProcessor2_0())` goes back to
-        `scaled_dot_product_attention`, the processor a new `CustomVAE` starts with.
-        """
+        """Use diffusers' default processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor` does: the
+        tutorial's explicit softmax, whose (T, T) weights take memory that grows with the square of the latent area."""
         self.set_attn_processor(AttnProcessor())
 
     def fuse_qkv_projections(self):
-        """
-        Nothing to do: q, k and v are already one fused `projection` (which is also the tutorial's layout, so
-        `state_dict` names never change). Diffusers' `FusedAttnProcessor2_0`, which pipelines set after fusing, is
-        accepted and runs `scaled_dot_product_attention` as the default does.
-        """
+        """Nothing to do: q, k and v are already one fused `projection` (the tutorial's layout)."""
 
     def unfuse_qkv_projections(self):
-        """Nothing to do: q, k and v stay one fused `projection` (see `fuse_qkv_projections`)."""
+        """Nothing to do: q, k and v stay one fused `projection`, the names its `state_dict` keeps."""
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
         r"""
