@@ -11,6 +11,7 @@ the weights, and diffusers loads it from there as remote code (`trust_remote_cod
 installed. Its path is recorded in saved pipelines: it never moves.
 """
 
+import itertools
 import json
 import math
 import os
@@ -244,22 +245,6 @@ def downsample_factor_of(vae) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, size) of the fewest equal tiles, each at most `tile` long and overlapping by at least `overlap`,
-    that cover `length`. Equal tiles leave no thin leftover tile at the edge."""
-    if length <= tile:
-        return [(0, length)]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    size = math.ceil((length + (count - 1) * overlap) / count)
-    return [(round(i * (length - size) / (count - 1)), size) for i in range(count)]
-
-
-def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
-    """Weights (size,) rising linearly over `ramp` steps at both ends: overlapping tiles cross-fade."""
-    distance_to_edge = torch.minimum(torch.arange(size, device=device), torch.arange(size, device=device).flip(0))
-    return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
-
-
 def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
     """Refuses what `encode` (`what="images"`) or `decode` (`"latents"`) cannot take, naming what it expected."""
     if not isinstance(x, torch.Tensor):
@@ -288,6 +273,16 @@ def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: in
         )
 
 
+def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of the fewest equal tiles, each at most `tile` long and overlapping by at least `overlap`,
+    that cover `length`. Equal tiles leave no thin leftover tile at the edge."""
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    return [(round(i * (length - size) / (count - 1)), size) for i in range(count)]
+
+
 def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overlap: int) -> torch.Tensor:
     """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
 
@@ -296,26 +291,23 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
     """
     rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
     cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
+
+    def ramp(size: int) -> torch.Tensor:  # (size * scale_out,) weights, rising linearly over the overlap at both ends
+        position = torch.arange(size * scale_out, device=x.device)
+        distance_to_edge = torch.minimum(position, position.flip(0))
+        return ((distance_to_edge + 1) / (overlap * scale_out + 1)).clamp(max=1.0)
+
+    weight = ramp(rows[0][1])[:, None] * ramp(cols[0][1])  # one for every tile: tiles along an axis are equal
+    span = lambda start, size, scale: slice(start * scale, (start + size) * scale)
     out = weights = None
-    for top, height in rows:
-        for left, width in cols:
-            piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
-            piece = fn(piece).float()
-            if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
-                size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
-                out = piece.new_zeros(*piece.shape[:2], *size)
-                weights = piece.new_zeros(size)
-            ramp = overlap * scale_out
-            weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
-                piece.shape[-1], ramp, x.device
-            )
-            region = (
-                ...,
-                slice(top * scale_out, (top + height) * scale_out),
-                slice(left * scale_out, (left + width) * scale_out),
-            )
-            out[region] += piece * weight
-            weights[region[1:]] += weight
+    for (top, height), (left, width) in itertools.product(rows, cols):
+        piece = fn(x[..., span(top, height, scale_in), span(left, width, scale_in)]).float()
+        if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
+            size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+            out, weights = piece.new_zeros(*piece.shape[:2], *size), piece.new_zeros(size)
+        out_rows, out_cols = span(top, height, scale_out), span(left, width, scale_out)
+        out[..., out_rows, out_cols] += piece * weight
+        weights[out_rows, out_cols] += weight
     return (out / weights).to(x.dtype)
 
 
