@@ -690,32 +690,30 @@ def weight_value_problem(tensor: torch.Tensor, dtype: torch.dtype | None = None)
 def _check_config(config):
     """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
     ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
-
-    def refuse(field: str, expected: str):
-        raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
-
     # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
-    is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
-    is_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    positive_int = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    width_list = lambda value: isinstance(value, (list, tuple)) and len(value) > 0 and all(map(positive_int, value))
+    flag = lambda value: isinstance(value, bool)
+    rules = [  # (field, test, what the value must be), in the order of __init__'s arguments
+        ("in_channels", positive_int, "a positive int"),
+        ("out_channels", positive_int, "a positive int"),
+        ("latent_channels", positive_int, "a positive int"),
+        ("block_out_channels", width_list, "a non-empty list of positive ints (one width per resolution)"),
+        ("layers_per_block", positive_int, "a positive int"),
+        ("norm_num_groups", positive_int, "a positive int"),
+        ("num_attention_heads", positive_int, "a positive int"),
+        ("mid_block_add_attention", flag, "True or False"),
+        ("scaling_factor", lambda value: number(value) and value > 0, "a finite positive number"),
+        ("shift_factor", lambda value: value is None or number(value), "None or a finite number"),
+        ("force_upcast", flag, "True or False"),
+        ("latent_space", lambda value: value is None or isinstance(value, str), "None or a name (a str)"),
+    ]
+    for field, valid, expected in rules:
+        if not valid(config[field]):
+            raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
 
-    counts = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups")
-    for field in (*counts, "num_attention_heads"):
-        if not (is_int(config[field]) and config[field] >= 1):
-            refuse(field, "a positive int")
-    widths = config["block_out_channels"]
-    if not (isinstance(widths, (list, tuple)) and widths and all(is_int(w) and w >= 1 for w in widths)):
-        refuse("block_out_channels", "a non-empty list of positive ints (one width per resolution)")
-    for field in ("mid_block_add_attention", "force_upcast"):
-        if not isinstance(config[field], bool):
-            refuse(field, "True or False")
-    if not (is_number(config["scaling_factor"]) and config["scaling_factor"] > 0):
-        refuse("scaling_factor", "a finite positive number")
-    if config["shift_factor"] is not None and not is_number(config["shift_factor"]):
-        refuse("shift_factor", "None or a finite number")
-    if config["latent_space"] is not None and not isinstance(config["latent_space"], str):
-        refuse("latent_space", "None or a name (a str)")
-
-    groups, heads = config["norm_num_groups"], config["num_attention_heads"]
+    widths, groups, heads = config["block_out_channels"], config["norm_num_groups"], config["num_attention_heads"]
     if any(width % groups for width in widths):
         raise ValueError(
             f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
