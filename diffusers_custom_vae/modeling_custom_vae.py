@@ -245,6 +245,41 @@ def downsample_factor_of(vae) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
+def _check_config(config):
+    """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
+    ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
+    # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
+    positive_int = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    width_list = lambda value: isinstance(value, (list, tuple)) and len(value) > 0 and all(map(positive_int, value))
+    flag = lambda value: isinstance(value, bool)
+    rules = [  # (field, test, what the value must be), in the order of __init__'s arguments
+        ("in_channels", positive_int, "a positive int"),
+        ("out_channels", positive_int, "a positive int"),
+        ("latent_channels", positive_int, "a positive int"),
+        ("block_out_channels", width_list, "a non-empty list of positive ints (one width per resolution)"),
+        ("layers_per_block", positive_int, "a positive int"),
+        ("norm_num_groups", positive_int, "a positive int"),
+        ("num_attention_heads", positive_int, "a positive int"),
+        ("mid_block_add_attention", flag, "True or False"),
+        ("scaling_factor", lambda value: number(value) and value > 0, "a finite positive number"),
+        ("shift_factor", lambda value: value is None or number(value), "None or a finite number"),
+        ("force_upcast", flag, "True or False"),
+        ("latent_space", lambda value: value is None or isinstance(value, str), "None or a name (a str)"),
+    ]
+    for field, valid, expected in rules:
+        if not valid(config[field]):
+            raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
+
+    widths, groups, heads = config["block_out_channels"], config["norm_num_groups"], config["num_attention_heads"]
+    if any(width % groups for width in widths):
+        raise ValueError(
+            f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
+        )
+    if widths[-1] % heads:
+        raise ValueError(f"The bottleneck width {widths[-1]} must be a multiple of num_attention_heads={heads}.")
+
+
 def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
     """Refuses what `encode` (`what="images"`) or `decode` (`"latents"`) cannot take, naming what it expected."""
     if not isinstance(x, torch.Tensor):
@@ -312,15 +347,16 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
-# diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched ones (left random
-# or on the meta device), and casts integer weights and loads NaN without a word. The checks below see what it read
-# before it casts or places a weight. They are here, not in a module beside this file, because from a pipeline's Hub
-# repo diffusers downloads only this one code file (tests/test_remote_code.py); `load_vae` applies them to
-# `AutoencoderKL` too.
 
 
 class StrictLoadingMixin:
-    """Makes a diffusers `ModelMixin` class load strictly: see `from_pretrained`."""
+    """Makes a diffusers `ModelMixin` class load strictly (`load_vae` applies it to `AutoencoderKL` too).
+
+    diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched weights (left
+    random or on the meta device), and casts integer weights and loads NaN without a word. The checks here see what
+    it read before it casts or places a weight. They live in this file because from a pipeline's Hub repo diffusers
+    downloads only this one code file (tests/test_remote_code.py).
+    """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -685,38 +721,3 @@ def weight_value_problem(tensor: torch.Tensor, dtype: torch.dtype | None = None)
     if dtype is not None and not torch.isfinite(tensor.to(dtype)).all():
         return "overflows"
     return None
-
-
-def _check_config(config):
-    """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
-    ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
-    # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
-    positive_int = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    width_list = lambda value: isinstance(value, (list, tuple)) and len(value) > 0 and all(map(positive_int, value))
-    flag = lambda value: isinstance(value, bool)
-    rules = [  # (field, test, what the value must be), in the order of __init__'s arguments
-        ("in_channels", positive_int, "a positive int"),
-        ("out_channels", positive_int, "a positive int"),
-        ("latent_channels", positive_int, "a positive int"),
-        ("block_out_channels", width_list, "a non-empty list of positive ints (one width per resolution)"),
-        ("layers_per_block", positive_int, "a positive int"),
-        ("norm_num_groups", positive_int, "a positive int"),
-        ("num_attention_heads", positive_int, "a positive int"),
-        ("mid_block_add_attention", flag, "True or False"),
-        ("scaling_factor", lambda value: number(value) and value > 0, "a finite positive number"),
-        ("shift_factor", lambda value: value is None or number(value), "None or a finite number"),
-        ("force_upcast", flag, "True or False"),
-        ("latent_space", lambda value: value is None or isinstance(value, str), "None or a name (a str)"),
-    ]
-    for field, valid, expected in rules:
-        if not valid(config[field]):
-            raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
-
-    widths, groups, heads = config["block_out_channels"], config["norm_num_groups"], config["num_attention_heads"]
-    if any(width % groups for width in widths):
-        raise ValueError(
-            f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
-        )
-    if widths[-1] % heads:
-        raise ValueError(f"The bottleneck width {widths[-1]} must be a multiple of num_attention_heads={heads}.")
