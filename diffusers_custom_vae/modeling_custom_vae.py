@@ -154,24 +154,14 @@ class Encoder(_Blocks):
         128 @ H/8:   VisualBlock(128), AttentionBlock(128), VisualBlock(128)
     """
 
-    def __init__(
-        self,
-        in_channels,
-        latent_channels,
-        block_out_channels,
-        layers_per_block,
-        norm_num_groups,
-        num_attention_heads,
-        mid_block_add_attention,
-    ):
+    def __init__(self, in_channels, latent_channels, widths, layers_per_block, groups, num_heads, add_attention):
         super().__init__()
-        widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
         blocks = []
         for width, next_width in zip(widths[:-1], widths[1:]):
             blocks += [VisualBlock(width, norm_num_groups=groups) for _ in range(layers_per_block)]
             blocks.append(nn.Conv2d(width, next_width, kernel_size=3, stride=2, padding=1))  # halves H and W
-        blocks += _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        blocks += _middle(widths[-1], add_attention, num_heads, groups)
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, kernel_size=3, padding=1)
@@ -192,20 +182,10 @@ class Decoder(_Blocks):
     Each resolution's last block changes the width; the tutorial ends with one more block at full resolution.
     """
 
-    def __init__(
-        self,
-        out_channels,
-        latent_channels,
-        block_out_channels,
-        layers_per_block,
-        norm_num_groups,
-        num_attention_heads,
-        mid_block_add_attention,
-    ):
+    def __init__(self, out_channels, latent_channels, widths, layers_per_block, groups, num_heads, add_attention):
         super().__init__()
-        widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], kernel_size=3, padding=1)
-        blocks = _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        blocks = _middle(widths[-1], add_attention, num_heads, groups)
         for width, previous_width in reversed(list(zip(widths[:-1], widths[1:]))):
             blocks.append(nn.Upsample(scale_factor=2))  # doubles H and W
             blocks += [VisualBlock(previous_width, norm_num_groups=groups) for _ in range(layers_per_block - 1)]
@@ -453,11 +433,11 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         _check_config(self.config)  # register_to_config has recorded every argument by now
         shared = dict(
             latent_channels=latent_channels,
-            block_out_channels=tuple(block_out_channels),
+            widths=tuple(block_out_channels),
             layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            num_attention_heads=num_attention_heads,
-            mid_block_add_attention=mid_block_add_attention,
+            groups=norm_num_groups,
+            num_heads=num_attention_heads,
+            add_attention=mid_block_add_attention,
         )
         self.encoder = Encoder(in_channels=in_channels, **shared)
         self.decoder = Decoder(out_channels=out_channels, **shared)
