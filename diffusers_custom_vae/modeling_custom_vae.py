@@ -623,36 +623,39 @@ def _weights_problem(model, state_dicts, source: str) -> ValueError | None:
     expected; `None` when nothing is. Values are checked in the dtype the model holds them in (its `torch_dtype`), so
     a float32 weight too large for float16 counts."""
     expected, found = model.state_dict(), set()
-    mismatched = "mismatched shapes, checkpoint vs model"
-    problems = {kind: [] for kind in ("unexpected keys", mismatched, "not floating-point", "not finite", "overflows")}
+    unexpected, mismatched = [], []
+    bad_values = {"not floating-point": [], "not finite": [], "overflows": []}  # as weight_value_problem names them
     for state_dict in state_dicts:
         for name, tensor in state_dict.items():
             found.add(name)
             target = expected.get(name)
             if target is None:
-                problems["unexpected keys"].append(name)
+                unexpected.append(name)
             elif tensor.shape != target.shape:
-                problems[mismatched].append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
+                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
             elif target.is_floating_point() and (kind := weight_value_problem(tensor, target.dtype)):
                 detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({target.dtype})"}.get(kind, "")
-                problems[kind].append(name + detail)
-    problems = {"missing keys": [name for name in expected if name not in found], **problems}
+                bad_values[kind].append(name + detail)
+    structure = {
+        "missing keys": [name for name in expected if name not in found],
+        "unexpected keys": unexpected,
+        "mismatched shapes, checkpoint vs model": mismatched,
+    }
     listed = lambda names: ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-    structure = [f"{kind}: {listed(names)}" for kind, names in list(problems.items())[:3] if names]
-    if structure:
+    if any(structure.values()):
+        details = "; ".join(f"{kind}: {listed(names)}" for kind, names in structure.items() if names)
         return ValueError(
-            f"The weights in {source} don't fit its config.json ({'; '.join(structure)}). "
-            "Were they saved from a different config?"
+            f"The weights in {source} don't fit its config.json ({details}). Were they saved from a different config?"
         )
-    if names := problems["not floating-point"]:
+    if names := bad_values["not floating-point"]:
         return ValueError(
             f"The checkpoint in {source} holds weights that are not floating-point: {listed(names)}. "
             f"{type(model).__name__} computes in floating point, and casting them would silently change what they "
             "mean (a quantised or corrupted file?). Save the floating-point weights with save_pretrained."
         )
-    if names := problems["not finite"]:
+    if names := bad_values["not finite"]:
         return ValueError(f"The checkpoint in {source} has NaN or inf weights in {names[:8]}.")
-    if names := problems["overflows"]:
+    if names := bad_values["overflows"]:
         return ValueError(
             f"Weights in {source} become inf in the dtype they are loaded in: {listed(names)}. Load them in a wider "
             "one (torch_dtype=torch.float32 or torch.bfloat16)."
