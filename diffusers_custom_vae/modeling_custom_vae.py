@@ -36,11 +36,7 @@ from diffusers.models.autoencoders.vae import (  # isort: skip
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput  # isort: skip
 from diffusers.models.attention import AttentionMixin  # isort: skip
-from diffusers.models.attention_processor import (  # isort: skip
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
-)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0  # isort: skip
 
 
 class SelfAttention(nn.Module):
@@ -594,13 +590,9 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return DecoderOutput(sample=reconstruction)
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        r"""
-        Save `config.json` and, beside it, this file (`modeling_custom_vae.py`), with an `auto_map` entry in the config
-        that names the class in it: that is what diffusers loads remote code from, so the folder or Hub repo loads
-        where the diffusers_custom_vae package is not installed, with `AutoModel.from_pretrained(folder_or_repo_id,
-        trust_remote_code=True)`. `save_pretrained` and `push_to_hub` call this; so does a pipeline's
-        `save_pretrained`, for the pipeline's `vae` folder.
-        """
+        """Save `config.json`, with an `auto_map` entry naming this class, and this file beside it: the folder or Hub
+        repo then loads without the diffusers_custom_vae package, with `AutoModel.from_pretrained(...,
+        trust_remote_code=True)`. `save_pretrained`, `push_to_hub` and a pipeline's `save_pretrained` call this."""
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
         module_file = os.path.basename(__file__)
         shutil.copyfile(__file__, os.path.join(save_directory, module_file))
