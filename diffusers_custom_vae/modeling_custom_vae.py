@@ -125,19 +125,21 @@ def _middle(channels: int, add_attention: bool, num_heads: int, groups: int) -> 
 
 
 class _Blocks(nn.Module):
-    """Runs `self.blocks` in order, each one checkpointed when gradient checkpointing is on."""
+    """What Encoder and Decoder run: `conv_in`, `blocks` in order (each one checkpointed when gradient checkpointing
+    is on), then GroupNorm, SiLU and `conv_out`."""
 
     def __init__(self):
         super().__init__()
         self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x)
             else:
                 x = block(x)
-        return x
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Encoder(_Blocks):
@@ -161,10 +163,6 @@ class Encoder(_Blocks):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.conv_in(x))
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(_Blocks):
@@ -190,10 +188,6 @@ class Decoder(_Blocks):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.conv_in(z))
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 @dataclass
@@ -562,8 +556,7 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return_posterior: bool = False,
     ) -> DecoderOutput | CustomVAEOutput | tuple:
         r"""
-        Encode and decode, as [`AutoencoderKL.forward`] does; with `return_posterior=True`, also return the posterior:
-        the one call a training step makes, so that data-parallel wrappers see it.
+        Encode and decode, as [`AutoencoderKL.forward`] does.
 
         Args:
             sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): Images in [-1, 1].
@@ -573,8 +566,8 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
                 Whether to return an output object instead of a plain tuple.
             generator (`torch.Generator`, *optional*): Makes posterior sampling deterministic.
             return_posterior (`bool`, *optional*, defaults to `False`):
-                Whether to return the posterior beside the reconstruction (a [`CustomVAEOutput`], or a
-                `(sample, posterior)` tuple).
+                Whether to also return the posterior: a training step's loss needs both from one call, which
+                data-parallel wrappers see.
 
         Returns:
             [`DecoderOutput`] or `tuple` `(sample,)`, as `AutoencoderKL` returns; with `return_posterior`, a
