@@ -320,13 +320,10 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
 
 
 class StrictLoadingMixin:
-    """Makes a diffusers `ModelMixin` class load strictly (`load_vae` applies it to `AutoencoderKL` too).
-
-    diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched weights (left
-    random or on the meta device), and casts integer weights and loads NaN without a word. The checks here see what
-    it read before it casts or places a weight. They live in this file because from a pipeline's Hub repo diffusers
-    downloads only this one code file (tests/test_remote_code.py).
-    """
+    """Makes a diffusers `ModelMixin` class load strictly, where diffusers only warns about missing, unexpected or
+    mismatched weights (left random or on the meta device), and casts integer weights and loads NaN without a word.
+    It lives in this file because from a pipeline's Hub repo diffusers downloads only this one code file
+    (tests/test_remote_code.py); `load_vae` applies it to `AutoencoderKL` too."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
