@@ -304,16 +304,16 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
 
     weight = ramp(rows[0][1])[:, None] * ramp(cols[0][1])  # one for every tile: tiles along an axis are equal
     span = lambda start, size, scale: slice(start * scale, (start + size) * scale)
-    out = weights = None
+    out = total_weight = None
     for (top, height), (left, width) in itertools.product(rows, cols):
         piece = fn(x[..., span(top, height, scale_in), span(left, width, scale_in)]).float()
         if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
-            size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
-            out, weights = piece.new_zeros(*piece.shape[:2], *size), piece.new_zeros(size)
+            out_size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+            out, total_weight = piece.new_zeros(*piece.shape[:2], *out_size), piece.new_zeros(out_size)
         out_rows, out_cols = span(top, height, scale_out), span(left, width, scale_out)
         out[..., out_rows, out_cols] += piece * weight
-        weights[out_rows, out_cols] += weight
-    return (out / weights).to(x.dtype)
+        total_weight[out_rows, out_cols] += weight
+    return (out / total_weight).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
