@@ -11,6 +11,7 @@ the weights, and diffusers loads it from there as remote code (`trust_remote_cod
 installed. Its path is recorded in saved pipelines: it never moves.
 """
 
+import itertools
 import json
 import math
 import os
@@ -35,23 +36,18 @@ from diffusers.models.autoencoders.vae import (  # isort: skip
 )
 from diffusers.models.modeling_outputs import AutoencoderKLOutput  # isort: skip
 from diffusers.models.attention import AttentionMixin  # isort: skip
-from diffusers.models.attention_processor import (  # isort: skip
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
-)
-
-
-# The attention processors of diffusers that fit this attention, whose q, k and v come from one fused `projection`:
-# scaled_dot_product_attention (`AttnProcessor2_0`, the default; `FusedAttnProcessor2_0` is the same computation on
-# fused projections, which these already are), or the explicit softmax (`AttnProcessor`, diffusers' "default"
-# processor, which materialises the (T, T) weights as the tutorial does).
-SCALED_DOT_PRODUCT_PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0)
-EXPLICIT_SOFTMAX_PROCESSORS = (AttnProcessor,)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0  # isort: skip
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over a sequence: (B, T, C) -> (B, T, C)."""
+    """Multi-head self-attention over a sequence: (B, T, C) -> (B, T, C).
+
+    Like `AutoencoderKL`'s attention it runs a diffusers attention processor, one of those that fit q, k and v from
+    one fused `projection`: `AttnProcessor2_0` (scaled_dot_product_attention, the default), `FusedAttnProcessor2_0`
+    (the same: the projection is already fused) or `AttnProcessor` (the explicit softmax, as the tutorial writes it).
+    """
+
+    PROCESSORS = (AttnProcessor2_0, FusedAttnProcessor2_0, AttnProcessor)
 
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
@@ -60,15 +56,12 @@ class SelfAttention(nn.Module):
         self.out_projection = nn.Linear(embed_dim, embed_dim)
         self.processor = AttnProcessor2_0()
 
-    def get_processor(self):
-        """The diffusers attention processor in use (read by `CustomVAE.attn_processors`)."""
+    def get_processor(self):  # read by CustomVAE.attn_processors
         return self.processor
 
-    def set_processor(self, processor):
-        """Use `processor`: one of `SCALED_DOT_PRODUCT_PROCESSORS` or `EXPLICIT_SOFTMAX_PROCESSORS` (set by
-        `CustomVAE.set_attn_processor`). Others expect diffusers' `Attention` module, with separate q, k, v."""
-        if not isinstance(processor, SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS):
-            supported = ", ".join(cls.__name__ for cls in SCALED_DOT_PRODUCT_PROCESSORS + EXPLICIT_SOFTMAX_PROCESSORS)
+    def set_processor(self, processor):  # called by CustomVAE.set_attn_processor
+        if not isinstance(processor, self.PROCESSORS):
+            supported = ", ".join(cls.__name__ for cls in self.PROCESSORS)
             raise ValueError(
                 f"CustomVAE's attention computes q, k and v with one fused projection and runs diffusers' "
                 f"{supported}; got {type(processor).__name__}, which expects diffusers' Attention module."
@@ -79,7 +72,7 @@ class SelfAttention(nn.Module):
         batch, tokens, channels = x.shape
         q, k, v = self.projection(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if isinstance(self.processor, EXPLICIT_SOFTMAX_PROCESSORS):
+        if isinstance(self.processor, AttnProcessor):
             weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)  # (B, nh, T, T)
             y = weights @ v
         else:  # softmax(q k^T / sqrt(hs)) v, without materialising the (T, T) weights
@@ -132,19 +125,21 @@ def _middle(channels: int, add_attention: bool, num_heads: int, groups: int) -> 
 
 
 class _Blocks(nn.Module):
-    """Runs `self.blocks` in order, each one checkpointed when gradient checkpointing is on."""
+    """What Encoder and Decoder run: `conv_in`, `blocks` in order (each one checkpointed when gradient checkpointing
+    is on), then GroupNorm, SiLU and `conv_out`."""
 
     def __init__(self):
         super().__init__()
         self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x)
             else:
                 x = block(x)
-        return x
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Encoder(_Blocks):
@@ -157,31 +152,17 @@ class Encoder(_Blocks):
         128 @ H/8:   VisualBlock(128), AttentionBlock(128), VisualBlock(128)
     """
 
-    def __init__(
-        self,
-        in_channels,
-        latent_channels,
-        block_out_channels,
-        layers_per_block,
-        norm_num_groups,
-        num_attention_heads,
-        mid_block_add_attention,
-    ):
+    def __init__(self, in_channels, latent_channels, widths, layers_per_block, groups, num_heads, add_attention):
         super().__init__()
-        widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
         blocks = []
         for width, next_width in zip(widths[:-1], widths[1:]):
             blocks += [VisualBlock(width, norm_num_groups=groups) for _ in range(layers_per_block)]
             blocks.append(nn.Conv2d(width, next_width, kernel_size=3, stride=2, padding=1))  # halves H and W
-        blocks += _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        blocks += _middle(widths[-1], add_attention, num_heads, groups)
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(groups, widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.conv_in(x))
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(_Blocks):
@@ -195,20 +176,10 @@ class Decoder(_Blocks):
     Each resolution's last block changes the width; the tutorial ends with one more block at full resolution.
     """
 
-    def __init__(
-        self,
-        out_channels,
-        latent_channels,
-        block_out_channels,
-        layers_per_block,
-        norm_num_groups,
-        num_attention_heads,
-        mid_block_add_attention,
-    ):
+    def __init__(self, out_channels, latent_channels, widths, layers_per_block, groups, num_heads, add_attention):
         super().__init__()
-        widths, groups = block_out_channels, norm_num_groups
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], kernel_size=3, padding=1)
-        blocks = _middle(widths[-1], mid_block_add_attention, num_attention_heads, groups)
+        blocks = _middle(widths[-1], add_attention, num_heads, groups)
         for width, previous_width in reversed(list(zip(widths[:-1], widths[1:]))):
             blocks.append(nn.Upsample(scale_factor=2))  # doubles H and W
             blocks += [VisualBlock(previous_width, norm_num_groups=groups) for _ in range(layers_per_block - 1)]
@@ -217,10 +188,6 @@ class Decoder(_Blocks):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], out_channels, kernel_size=3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.run_blocks(self.conv_in(z))
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 @dataclass
@@ -248,20 +215,39 @@ def downsample_factor_of(vae) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, size) of the fewest equal tiles, each at most `tile` long and overlapping by at least `overlap`,
-    that cover `length`. Equal tiles leave no thin leftover tile at the edge."""
-    if length <= tile:
-        return [(0, length)]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    size = math.ceil((length + (count - 1) * overlap) / count)
-    return [(round(i * (length - size) / (count - 1)), size) for i in range(count)]
+def _check_config(config):
+    """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
+    ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
+    # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
+    positive_int = lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    width_list = lambda value: isinstance(value, (list, tuple)) and len(value) > 0 and all(map(positive_int, value))
+    flag = lambda value: isinstance(value, bool)
+    rules = [  # (field, test, what the value must be), in the order of __init__'s arguments
+        ("in_channels", positive_int, "a positive int"),
+        ("out_channels", positive_int, "a positive int"),
+        ("latent_channels", positive_int, "a positive int"),
+        ("block_out_channels", width_list, "a non-empty list of positive ints (one width per resolution)"),
+        ("layers_per_block", positive_int, "a positive int"),
+        ("norm_num_groups", positive_int, "a positive int"),
+        ("num_attention_heads", positive_int, "a positive int"),
+        ("mid_block_add_attention", flag, "True or False"),
+        ("scaling_factor", lambda value: number(value) and value > 0, "a finite positive number"),
+        ("shift_factor", lambda value: value is None or number(value), "None or a finite number"),
+        ("force_upcast", flag, "True or False"),
+        ("latent_space", lambda value: value is None or isinstance(value, str), "None or a name (a str)"),
+    ]
+    for field, valid, expected in rules:
+        if not valid(config[field]):
+            raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
 
-
-def _blend_ramp(size: int, ramp: int, device) -> torch.Tensor:
-    """Weights (size,) rising linearly over `ramp` steps at both ends: overlapping tiles cross-fade."""
-    distance_to_edge = torch.minimum(torch.arange(size, device=device), torch.arange(size, device=device).flip(0))
-    return ((distance_to_edge + 1) / (ramp + 1)).clamp(max=1.0)
+    widths, groups, heads = config["block_out_channels"], config["norm_num_groups"], config["num_attention_heads"]
+    if any(width % groups for width in widths):
+        raise ValueError(
+            f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
+        )
+    if widths[-1] % heads:
+        raise ValueError(f"The bottleneck width {widths[-1]} must be a multiple of num_attention_heads={heads}.")
 
 
 def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: int):
@@ -292,6 +278,16 @@ def _check_input(x: torch.Tensor, channels: int, what: str, spatial_multiple: in
         )
 
 
+def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of the fewest equal tiles, each at most `tile` long and overlapping by at least `overlap`,
+    that cover `length`. Equal tiles leave no thin leftover tile at the edge."""
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    return [(round(i * (length - size) / (count - 1)), size) for i in range(count)]
+
+
 def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overlap: int) -> torch.Tensor:
     """Applies `fn` to overlapping tiles of `x` and cross-fades the results.
 
@@ -300,39 +296,34 @@ def _tiled(fn, x: torch.Tensor, scale_in: int, scale_out: int, tile: int, overla
     """
     rows = _tile_spans(x.shape[-2] // scale_in, tile, overlap)
     cols = _tile_spans(x.shape[-1] // scale_in, tile, overlap)
-    out = weights = None
-    for top, height in rows:
-        for left, width in cols:
-            piece = x[..., top * scale_in : (top + height) * scale_in, left * scale_in : (left + width) * scale_in]
-            piece = fn(piece).float()
-            if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
-                size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
-                out = piece.new_zeros(*piece.shape[:2], *size)
-                weights = piece.new_zeros(size)
-            ramp = overlap * scale_out
-            weight = _blend_ramp(piece.shape[-2], ramp, x.device)[:, None] * _blend_ramp(
-                piece.shape[-1], ramp, x.device
-            )
-            region = (
-                ...,
-                slice(top * scale_out, (top + height) * scale_out),
-                slice(left * scale_out, (left + width) * scale_out),
-            )
-            out[region] += piece * weight
-            weights[region[1:]] += weight
-    return (out / weights).to(x.dtype)
+
+    def ramp(size: int) -> torch.Tensor:  # (size * scale_out,) weights, rising linearly over the overlap at both ends
+        position = torch.arange(size * scale_out, device=x.device)
+        distance_to_edge = torch.minimum(position, position.flip(0))
+        return ((distance_to_edge + 1) / (overlap * scale_out + 1)).clamp(max=1.0)
+
+    weight = ramp(rows[0][1])[:, None] * ramp(cols[0][1])  # one for every tile: tiles along an axis are equal
+    span = lambda start, size, scale: slice(start * scale, (start + size) * scale)
+    out = total_weight = None
+    for (top, height), (left, width) in itertools.product(rows, cols):
+        piece = fn(x[..., span(top, height, scale_in), span(left, width, scale_in)]).float()
+        if out is None:  # (B, C_out, H_out, W_out), accumulated in float32
+            out_size = (x.shape[-2] // scale_in * scale_out, x.shape[-1] // scale_in * scale_out)
+            out, total_weight = piece.new_zeros(*piece.shape[:2], *out_size), piece.new_zeros(out_size)
+        out_rows, out_cols = span(top, height, scale_out), span(left, width, scale_out)
+        out[..., out_rows, out_cols] += piece * weight
+        total_weight[out_rows, out_cols] += weight
+    return (out / total_weight).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- strict loading
-# diffusers finds and reads the weight files, but only warns about missing, unexpected or mismatched ones (left random
-# or on the meta device), and casts integer weights and loads NaN without a word. The checks below see what it read
-# before it casts or places a weight. They are here, not in a module beside this file, because from a pipeline's Hub
-# repo diffusers downloads only this one code file (tests/test_remote_code.py); `load_vae` applies them to
-# `AutoencoderKL` too.
 
 
 class StrictLoadingMixin:
-    """Makes a diffusers `ModelMixin` class load strictly: see `from_pretrained`."""
+    """Makes a diffusers `ModelMixin` class load strictly, where diffusers only warns about missing, unexpected or
+    mismatched weights (left random or on the meta device), and casts integer weights and loads NaN without a word.
+    It lives in this file because from a pipeline's Hub repo diffusers downloads only this one code file
+    (tests/test_remote_code.py); `load_vae` applies it to `AutoencoderKL` too."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -429,11 +420,11 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         _check_config(self.config)  # register_to_config has recorded every argument by now
         shared = dict(
             latent_channels=latent_channels,
-            block_out_channels=tuple(block_out_channels),
+            widths=tuple(block_out_channels),
             layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            num_attention_heads=num_attention_heads,
-            mid_block_add_attention=mid_block_add_attention,
+            groups=norm_num_groups,
+            num_heads=num_attention_heads,
+            add_attention=mid_block_add_attention,
         )
         self.encoder = Encoder(in_channels=in_channels, **shared)
         self.decoder = Decoder(out_channels=out_channels, **shared)
@@ -455,23 +446,15 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return self.decoder.conv_in
 
     def set_default_attn_processor(self):
-        """
-        Use diffusers' default attention processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor`
-        does: the explicit softmax, as the tutorial writes it (deterministic, but its (T, T) weights take memory that
-        grows with the square of the latent area). `set_attn_processor(AttnProcessor2_0())` goes back to
-        `scaled_dot_product_attention`, the processor a new `CustomVAE` starts with.
-        """
+        """Use diffusers' default processor, `AttnProcessor`, as `AutoencoderKL.set_default_attn_processor` does: the
+        tutorial's explicit softmax, whose (T, T) weights take memory that grows with the square of the latent area."""
         self.set_attn_processor(AttnProcessor())
 
     def fuse_qkv_projections(self):
-        """
-        Nothing to do: q, k and v are already one fused `projection` (which is also the tutorial's layout, so
-        `state_dict` names never change). Diffusers' `FusedAttnProcessor2_0`, which pipelines set after fusing, is
-        accepted and runs `scaled_dot_product_attention` as the default does.
-        """
+        """Nothing to do: q, k and v are already one fused `projection` (the tutorial's layout)."""
 
     def unfuse_qkv_projections(self):
-        """Nothing to do: q, k and v stay one fused `projection` (see `fuse_qkv_projections`)."""
+        """Nothing to do: q, k and v stay one fused `projection`, the names its `state_dict` keeps."""
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap: int | None = None):
         r"""
@@ -570,8 +553,7 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return_posterior: bool = False,
     ) -> DecoderOutput | CustomVAEOutput | tuple:
         r"""
-        Encode and decode, as [`AutoencoderKL.forward`] does; with `return_posterior=True`, also return the posterior:
-        the one call a training step makes, so that data-parallel wrappers see it.
+        Encode and decode, as [`AutoencoderKL.forward`] does.
 
         Args:
             sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): Images in [-1, 1].
@@ -581,8 +563,8 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
                 Whether to return an output object instead of a plain tuple.
             generator (`torch.Generator`, *optional*): Makes posterior sampling deterministic.
             return_posterior (`bool`, *optional*, defaults to `False`):
-                Whether to return the posterior beside the reconstruction (a [`CustomVAEOutput`], or a
-                `(sample, posterior)` tuple).
+                Whether to also return the posterior: a training step's loss needs both from one call, which
+                data-parallel wrappers see.
 
         Returns:
             [`DecoderOutput`] or `tuple` `(sample,)`, as `AutoencoderKL` returns; with `return_posterior`, a
@@ -598,13 +580,9 @@ class CustomVAE(StrictLoadingMixin, ModelMixin, AttentionMixin, AutoencoderMixin
         return DecoderOutput(sample=reconstruction)
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        r"""
-        Save `config.json` and, beside it, this file (`modeling_custom_vae.py`), with an `auto_map` entry in the config
-        that names the class in it: that is what diffusers loads remote code from, so the folder or Hub repo loads
-        where the diffusers_custom_vae package is not installed, with `AutoModel.from_pretrained(folder_or_repo_id,
-        trust_remote_code=True)`. `save_pretrained` and `push_to_hub` call this; so does a pipeline's
-        `save_pretrained`, for the pipeline's `vae` folder.
-        """
+        """Save `config.json`, with an `auto_map` entry naming this class, and this file beside it: the folder or Hub
+        repo then loads without the diffusers_custom_vae package, with `AutoModel.from_pretrained(...,
+        trust_remote_code=True)`. `save_pretrained`, `push_to_hub` and a pipeline's `save_pretrained` call this."""
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
         module_file = os.path.basename(__file__)
         shutil.copyfile(__file__, os.path.join(save_directory, module_file))
@@ -627,36 +605,39 @@ def _weights_problem(model, state_dicts, source: str) -> ValueError | None:
     expected; `None` when nothing is. Values are checked in the dtype the model holds them in (its `torch_dtype`), so
     a float32 weight too large for float16 counts."""
     expected, found = model.state_dict(), set()
-    mismatched = "mismatched shapes, checkpoint vs model"
-    problems = {kind: [] for kind in ("unexpected keys", mismatched, "not floating-point", "not finite", "overflows")}
+    unexpected, mismatched = [], []
+    bad_values = {"not floating-point": [], "not finite": [], "overflows": []}  # as weight_value_problem names them
     for state_dict in state_dicts:
         for name, tensor in state_dict.items():
             found.add(name)
             target = expected.get(name)
             if target is None:
-                problems["unexpected keys"].append(name)
+                unexpected.append(name)
             elif tensor.shape != target.shape:
-                problems[mismatched].append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
+                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(target.shape)}")
             elif target.is_floating_point() and (kind := weight_value_problem(tensor, target.dtype)):
                 detail = {"not floating-point": f" ({tensor.dtype})", "overflows": f" ({target.dtype})"}.get(kind, "")
-                problems[kind].append(name + detail)
-    problems = {"missing keys": [name for name in expected if name not in found], **problems}
+                bad_values[kind].append(name + detail)
+    structure = {
+        "missing keys": [name for name in expected if name not in found],
+        "unexpected keys": unexpected,
+        "mismatched shapes, checkpoint vs model": mismatched,
+    }
     listed = lambda names: ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-    structure = [f"{kind}: {listed(names)}" for kind, names in list(problems.items())[:3] if names]
-    if structure:
+    if any(structure.values()):
+        details = "; ".join(f"{kind}: {listed(names)}" for kind, names in structure.items() if names)
         return ValueError(
-            f"The weights in {source} don't fit its config.json ({'; '.join(structure)}). "
-            "Were they saved from a different config?"
+            f"The weights in {source} don't fit its config.json ({details}). Were they saved from a different config?"
         )
-    if names := problems["not floating-point"]:
+    if names := bad_values["not floating-point"]:
         return ValueError(
             f"The checkpoint in {source} holds weights that are not floating-point: {listed(names)}. "
             f"{type(model).__name__} computes in floating point, and casting them would silently change what they "
             "mean (a quantised or corrupted file?). Save the floating-point weights with save_pretrained."
         )
-    if names := problems["not finite"]:
+    if names := bad_values["not finite"]:
         return ValueError(f"The checkpoint in {source} has NaN or inf weights in {names[:8]}.")
-    if names := problems["overflows"]:
+    if names := bad_values["overflows"]:
         return ValueError(
             f"Weights in {source} become inf in the dtype they are loaded in: {listed(names)}. Load them in a wider "
             "one (torch_dtype=torch.float32 or torch.bfloat16)."
@@ -705,40 +686,3 @@ def weight_value_problem(tensor: torch.Tensor, dtype: torch.dtype | None = None)
     if dtype is not None and not torch.isfinite(tensor.to(dtype)).all():
         return "overflows"
     return None
-
-
-def _check_config(config):
-    """Refuses a config that would build a broken model, or one that fails later in a torch layer or with a
-    ZeroDivisionError (or in save_pretrained, for values JSON cannot hold). Each message names the field."""
-
-    def refuse(field: str, expected: str):
-        raise ValueError(f"CustomVAE config: {field} must be {expected}, got {config[field]!r}.")
-
-    # bool is a subclass of int in Python, but True is a typo for a channel count, not the count 1.
-    is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
-    is_number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    counts = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups")
-    for field in (*counts, "num_attention_heads"):
-        if not (is_int(config[field]) and config[field] >= 1):
-            refuse(field, "a positive int")
-    widths = config["block_out_channels"]
-    if not (isinstance(widths, (list, tuple)) and widths and all(is_int(w) and w >= 1 for w in widths)):
-        refuse("block_out_channels", "a non-empty list of positive ints (one width per resolution)")
-    for field in ("mid_block_add_attention", "force_upcast"):
-        if not isinstance(config[field], bool):
-            refuse(field, "True or False")
-    if not (is_number(config["scaling_factor"]) and config["scaling_factor"] > 0):
-        refuse("scaling_factor", "a finite positive number")
-    if config["shift_factor"] is not None and not is_number(config["shift_factor"]):
-        refuse("shift_factor", "None or a finite number")
-    if config["latent_space"] is not None and not isinstance(config["latent_space"], str):
-        refuse("latent_space", "None or a name (a str)")
-
-    groups, heads = config["norm_num_groups"], config["num_attention_heads"]
-    if any(width % groups for width in widths):
-        raise ValueError(
-            f"Every width in block_out_channels must be a multiple of norm_num_groups={groups}, got {tuple(widths)}."
-        )
-    if widths[-1] % heads:
-        raise ValueError(f"The bottleneck width {widths[-1]} must be a multiple of num_attention_heads={heads}.")
