@@ -38,7 +38,7 @@ from diffusers_custom_vae.training import DistillationObjective, TrainConfig, VA
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
-from .render import OUTPUT, RESULTS, publish
+from .render import add_output_arguments, publish
 from .report import Target, budget, json_object, the_run
 
 SECTION = "benchmark_distillation"
@@ -305,15 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
         "(default: none, the main job's budget; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the decodes are timed")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
-    parser.add_argument(
-        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image",
-        type=Path,
-        default=Path(__file__).resolve().parent / "benchmark_distillation.png",
-        help="where to save the held-out photos above the teacher's and each student's decodes",
+    add_output_arguments(
+        parser,
+        "benchmark_distillation.png",
+        "where to save the held-out photos above the teacher's and each student's decodes",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

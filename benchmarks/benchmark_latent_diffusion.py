@@ -40,7 +40,7 @@ from diffusers_custom_vae.training.latent_diffusion import LatentDiffusionObject
 from .benchmark_training import SET_BY_THE_BENCHMARK, train_configs
 from .measure import interleaved_times
 from .models import CUSTOM_VAE_WIDTHS
-from .render import OUTPUT, RESULTS, publish
+from .render import add_output_arguments, publish
 from .report import Target, budget, json_object, the_run
 
 SECTION = "benchmark_latent_diffusion"
@@ -194,15 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
         default={},
         help="LatentDiffusionConfig fields for both DiTs, as a JSON object, e.g. '{\"max_train_steps\": 3000}'",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
-    parser.add_argument(
-        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image",
-        type=Path,
-        default=Path(__file__).resolve().parent / "benchmark_latent_diffusion.png",
-        help="where to save the samples of the DiT on CustomVAE's latents beside those on AutoencoderKL's",
+    add_output_arguments(
+        parser,
+        "benchmark_latent_diffusion.png",
+        "where to save the samples of the DiT on CustomVAE's latents beside those on AutoencoderKL's",
     )
     args = parser.parse_args(argv)
     for path in (args.output, args.image):

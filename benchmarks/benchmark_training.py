@@ -25,7 +25,7 @@ from diffusers_custom_vae.loading import load_vae
 from diffusers_custom_vae.training import TrainConfig, VAEObjective, train
 
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
-from .render import OUTPUT, RESULTS, publish
+from .render import add_output_arguments, publish
 from .report import Target, budget, json_object, the_run
 
 SECTION = "benchmark_training"
@@ -69,15 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         help='TrainConfig fields for both models, as a JSON object, e.g. \'{"resolution": 256, "max_train_steps": '
         "50000}' (default: none; the benchmark sets " + ", ".join(SET_BY_THE_BENCHMARK) + " itself)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
-    parser.add_argument(
-        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image",
-        type=Path,
-        default=Path(__file__).resolve().parent / "benchmark_training.png",
-        help="where to save the held-out photos above each model's reconstructions",
+    add_output_arguments(
+        parser,
+        "benchmark_training.png",
+        "where to save the held-out photos above each model's reconstructions",
     )
     args = parser.parse_args(argv)
     if not args.output.parent.is_dir():

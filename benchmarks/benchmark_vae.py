@@ -19,7 +19,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from diffusers_custom_vae import CustomVAE
 
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
-from .render import OUTPUT, RESULTS, publish
+from .render import add_output_arguments, publish
 from .report import Target, the_run
 
 SECTION = "benchmark_vae"
@@ -264,10 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
-    parser.add_argument(
-        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
-    )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given, but torch sees no CUDA device; use --device cpu.")

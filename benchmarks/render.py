@@ -444,6 +444,16 @@ def publish(name: str, data: dict, results: Path = RESULTS, output: Path = OUTPU
     print(f"\nSaved {os.fspath(path)}; rendered {os.fspath(output)}")
 
 
+def add_output_arguments(parser: argparse.ArgumentParser, image: str | None = None, image_help: str = ""):
+    """A benchmark's --results and --output (and, given an `image` name, --image: a PNG in benchmarks/ by default)."""
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of results files (default: %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=OUTPUT, help="markdown rendered from --results (default: %(default)s)"
+    )
+    if image:
+        parser.add_argument("--image", type=Path, default=REPO / "benchmarks" / image, help=image_help)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.render", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
