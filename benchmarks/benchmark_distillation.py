@@ -39,7 +39,7 @@ from diffusers_custom_vae.training import DistillationObjective, TrainConfig, VA
 from .measure import PeakMemory, available_gb, interleaved_times
 from .models import CUSTOM_VAE_WIDTHS, STABLE_DIFFUSION_WIDTHS, autoencoder_kl
 from .render import add_output_arguments, publish
-from .report import Target, budget, json_object, the_run
+from .report import Target, budget, json_object, refuse_unknown_fields, the_run
 
 SECTION = "benchmark_distillation"
 COMMAND = "python -m benchmarks.benchmark_distillation"
@@ -316,12 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     for path in (args.output, args.image):
         if not path.parent.is_dir():
             parser.error(f"{path}: its folder {path.parent} does not exist")
-    settable = {field.name for field in dataclasses.fields(TrainConfig)} - set(SET_BY_THE_BENCHMARK)
-    if unknown := sorted(set(args.train_config) - settable):
-        parser.error(
-            f"--train_config: {', '.join(unknown)}: expected TrainConfig fields other than "
-            f"{', '.join(SET_BY_THE_BENCHMARK)} (the benchmark sets those)"
-        )
+    refuse_unknown_fields(parser, "--train_config", args.train_config, TrainConfig, SET_BY_THE_BENCHMARK)
     if args.teacher is not None:
         try:
             load_vae(args.teacher)  # refused here, before any training, if it is not a VAE folder

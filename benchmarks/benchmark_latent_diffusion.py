@@ -41,7 +41,7 @@ from .benchmark_training import SET_BY_THE_BENCHMARK, train_configs
 from .measure import interleaved_times
 from .models import CUSTOM_VAE_WIDTHS
 from .render import add_output_arguments, publish
-from .report import Target, budget, json_object, the_run
+from .report import Target, budget, json_object, refuse_unknown_fields, the_run
 
 SECTION = "benchmark_latent_diffusion"
 COMMAND = "python -m benchmarks.benchmark_latent_diffusion"
@@ -167,16 +167,6 @@ def target(images_per_second: dict[str, float], resolution: int) -> Target:
     )
 
 
-def fields_of(parser, flag: str, given: dict, config_class, set_here: tuple[str, ...]) -> dict:
-    settable = {field.name for field in dataclasses.fields(config_class)} - set(set_here)
-    if unknown := sorted(set(given) - settable):
-        parser.error(
-            f"{flag}: {', '.join(unknown)}: expected {config_class.__name__} fields other than {', '.join(set_here)} "
-            "(the benchmark sets those)"
-        )
-    return given
-
-
 def main(argv: list[str] | None = None) -> dict:
     """The command line; returns the results saved in the results file."""
     parser = argparse.ArgumentParser(
@@ -205,8 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{path}: its folder does not exist")
     vae_fields = {**(QUICK_VAE_FIELDS if args.quick else {}), **args.train_config}
     diffusion_fields = {**(QUICK_DIFFUSION_FIELDS if args.quick else {}), **args.diffusion_config}
-    fields_of(parser, "--train_config", vae_fields, TrainConfig, SET_BY_THE_BENCHMARK)
-    fields_of(parser, "--diffusion_config", diffusion_fields, LatentDiffusionConfig, SET_BY_THE_BENCHMARK_FOR_DITS)
+    refuse_unknown_fields(parser, "--train_config", vae_fields, TrainConfig, SET_BY_THE_BENCHMARK)
+    refuse_unknown_fields(
+        parser, "--diffusion_config", diffusion_fields, LatentDiffusionConfig, SET_BY_THE_BENCHMARK_FOR_DITS
+    )
     resolution, batch_size = (64, 2) if args.quick else (args.resolution, args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -26,7 +26,7 @@ from diffusers_custom_vae.training import TrainConfig, VAEObjective, train
 
 from .models import CUSTOM_VAE_WIDTHS, autoencoder_kl
 from .render import add_output_arguments, publish
-from .report import Target, budget, json_object, the_run
+from .report import Target, budget, json_object, refuse_unknown_fields, the_run
 
 SECTION = "benchmark_training"
 COMMAND = "python -m benchmarks.benchmark_training"
@@ -78,12 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if not args.output.parent.is_dir():
         parser.error(f"--output {args.output}: its folder does not exist")
     fields = {**(QUICK_FIELDS if args.quick else {}), **args.train_config}
-    settable = {field.name for field in dataclasses.fields(TrainConfig)} - set(SET_BY_THE_BENCHMARK)
-    if unknown := sorted(set(args.train_config) - settable):
-        parser.error(
-            f"--train_config: {', '.join(unknown)}: expected TrainConfig fields other than "
-            f"{', '.join(SET_BY_THE_BENCHMARK)} (the benchmark sets those)"
-        )
+    refuse_unknown_fields(parser, "--train_config", args.train_config, TrainConfig, SET_BY_THE_BENCHMARK)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:

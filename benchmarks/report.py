@@ -2,6 +2,7 @@
 (`render.py` turns the results into BENCHMARKS.md)."""
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -75,3 +76,14 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"a JSON object of TrainConfig fields was expected, got {text!r}")
     return value
+
+
+def refuse_unknown_fields(parser: argparse.ArgumentParser, flag: str, given: dict, config_class, set_here: tuple):
+    """One argparse error (exit 2) naming the fields of `given` (from `flag`, e.g. --train_config) that are not
+    `config_class`'s, or that the benchmark sets itself (`set_here`)."""
+    settable = {field.name for field in dataclasses.fields(config_class)} - set(set_here)
+    if unknown := sorted(set(given) - settable):
+        parser.error(
+            f"{flag}: {', '.join(unknown)}: expected {config_class.__name__} fields other than {', '.join(set_here)} "
+            "(the benchmark sets those)"
+        )
